@@ -1,0 +1,392 @@
+"""Llama 3 decoder + SigLIP2 NaFlex encoder + MLP projector, composed from transformers' own models.
+
+What is ours: the spatial merge of neighbouring patches, the projector, and the scatter of image features into the
+token sequence. Everything else is transformers' `LlamaModel` and `Siglip2VisionModel`, unchanged, so that real
+checkpoints load exactly and every attention backend, cache and kernel they support works here too.
+
+Shape letters:
+    B  rows in the text batch          S  tokens per row
+    N  images in the batch             L  patches per (padded) image
+    P  flattened patch pixels (3·p·p)  D  hidden width
+    T  image tokens after the merge    K  patches merged into one token (k²)
+
+Hub-travelling: imports only torch and transformers, and its sibling config relatively.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, LlamaModel, PreTrainedModel, Siglip2VisionModel
+from transformers.activations import ACT2FN
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .configuration_llama3_siglip2 import Llama3Siglip2Config
+
+
+@dataclass
+class Llama3Siglip2ModelOutputWithPast(BaseModelOutputWithPast):
+    """The decoder's outputs, plus the projected image tokens `(T, D)` that were scattered into the sequence."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class Llama3Siglip2CausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class Llama3Siglip2MultiModalProjector(nn.Module):
+    """Linear(in, in) → act → Linear(in, text hidden), with in = vision hidden × k²."""
+
+    def __init__(self, config: Llama3Siglip2Config):
+        super().__init__()
+        width = config.projector_input_size
+        self.linear_1 = nn.Linear(width, width)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(width, config.text_config.hidden_size)
+
+    def forward(self, image_tokens_TD: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_tokens_TD)))
+
+
+def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int, device) -> torch.Tensor:
+    """Flat indices into the (N·L) patches, shaped (T, K): row t lists the k×k patches that become image token t.
+
+    Patches sit in raster order within each image (SigLIP2's layout, which its position embeddings assume), so a k×k
+    block is not a run of consecutive entries: it is k rows of k patches, one image width apart. Tokens come out
+    image by image, in raster order over the blocks; within a token, patches are in raster order over the block.
+    """
+    k = merge_size
+    heights = torch.tensor([h for h, _ in spatial_shapes], device=device)
+    widths = torch.tensor([w for _, w in spatial_shapes], device=device)
+    tokens_per_image = (heights // k) * (widths // k)
+    total_tokens = sum((h // k) * (w // k) for h, w in spatial_shapes)
+    image_of_token = torch.repeat_interleave(torch.arange(len(spatial_shapes), device=device), tokens_per_image,
+                                             output_size=total_tokens)
+    first_token_of_image = torch.cumsum(tokens_per_image, 0) - tokens_per_image
+    token_in_image = torch.arange(total_tokens, device=device) - first_token_of_image[image_of_token]
+    blocks_per_row = widths[image_of_token] // k
+    block_row, block_col = token_in_image // blocks_per_row, token_in_image % blocks_per_row
+    offsets = torch.arange(k, device=device)
+    rows = block_row[:, None, None] * k + offsets[None, :, None]  # (T, k, 1)
+    cols = block_col[:, None, None] * k + offsets[None, None, :]  # (T, 1, k)
+    flat = image_of_token[:, None, None] * max_patches + rows * widths[image_of_token][:, None, None] + cols
+    return flat.reshape(total_tokens, k * k)
+
+
+class Llama3Siglip2PreTrainedModel(PreTrainedModel):
+    config_class = Llama3Siglip2Config
+    config: Llama3Siglip2Config
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "Siglip2EncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # What both towers support: SigLIP2 has no flash or flex attention kernel in transformers.
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus every Auto entry in `auto_map` and a short model card.
+
+        transformers records only the saved class's own Auto class; `AutoModel.from_pretrained(folder,
+        trust_remote_code=True)` needs the others too.
+        """
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        os.makedirs(save_directory, exist_ok=True)
+        card = os.path.join(save_directory, "README.md")
+        if kwargs.get("is_main_process", True) and not os.path.exists(card):
+            with open(card, "w") as f:
+                f.write(MODEL_CARD)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_llama3_siglip2.Llama3Siglip2Config",
+    "AutoModel": "modeling_llama3_siglip2.Llama3Siglip2Model",
+    "AutoModelForImageTextToText": "modeling_llama3_siglip2.Llama3Siglip2ForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_llama3_siglip2.Llama3Siglip2ForConditionalGeneration",
+}
+
+MODEL_CARD = """---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [llama3-siglip2, vision-language]
+---
+# Llama3-SigLIP2
+
+A vision-language model: a Llama 3 decoder, a SigLIP2 NaFlex vision encoder (native resolution and aspect ratio)
+and an MLP projector, built with the `llama3-siglip2` package. The model code travels with the weights:
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+inputs = processor(text="<|image|>Describe the image.", images=[image], return_tensors="pt")
+print(processor.batch_decode(model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True))
+```
+"""
+
+
+class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
+    def __init__(self, config: Llama3Siglip2Config):
+        super().__init__(config)
+        self.vision_tower = Siglip2VisionModel(config.vision_config)
+        self.multi_modal_projector = Llama3Siglip2MultiModalProjector(config)
+        self.language_model = LlamaModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def _image_shapes(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2) -> list[tuple[int, int]]:
+        """Check the NaFlex trio against each other and the merge, and return (h, w) per image on the host."""
+        if pixel_values_NLP.dim() != 3:
+            raise ValueError(f"pixel_values must be (N, L, P), got shape {tuple(pixel_values_NLP.shape)}")
+        N, L, P = pixel_values_NLP.shape
+        patch = self.config.vision_config.patch_size
+        expected_P = self.config.vision_config.num_channels * patch * patch
+        if P != expected_P:
+            raise ValueError(f"pixel_values last dim is {P}, but patch_size {patch} needs {expected_P} (3·p·p)")
+        if spatial_shapes_N2 is None or tuple(spatial_shapes_N2.shape) != (N, 2):
+            got = None if spatial_shapes_N2 is None else tuple(spatial_shapes_N2.shape)
+            raise ValueError(f"spatial_shapes must be ({N}, 2) for {N} images, got {got}")
+        if pixel_attention_mask_NL is None or tuple(pixel_attention_mask_NL.shape) != (N, L):
+            got = None if pixel_attention_mask_NL is None else tuple(pixel_attention_mask_NL.shape)
+            raise ValueError(f"pixel_attention_mask must be ({N}, {L}), got {got}")
+        # One host sync for the whole batch: the shapes decide how many image tokens there are.
+        stats = torch.cat([spatial_shapes_N2, pixel_attention_mask_NL.sum(-1, keepdim=True)], dim=-1).tolist()
+        k = self.config.spatial_merge_size
+        for i, (h, w, valid) in enumerate(stats):
+            if h * w != valid or h * w > L:
+                raise ValueError(f"image {i}: spatial_shapes {h}×{w} disagrees with its {valid} valid patches (L={L})")
+            if h % k or w % k:
+                raise ValueError(f"image {i}: a {h}×{w} patch grid cannot be merged in {k}×{k} blocks")
+        return [(h, w) for h, w, _ in stats]
+
+    def get_image_features(self, pixel_values, pixel_attention_mask, spatial_shapes, **kwargs) -> torch.Tensor:
+        """Encode, merge and project the valid patches of every image: returns (T, D) tokens in image order.
+
+        Images with an empty grid are padding slots and are skipped. Padding patches inside an image never reach
+        the output: SigLIP2's bidirectional mask keeps them out of attention, and the merge index skips them.
+        """
+        shapes = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes)
+        keep = [i for i, (h, w) in enumerate(shapes) if h * w > 0]
+        if len(keep) < len(shapes):
+            keep_N = torch.tensor(keep, device=pixel_values.device, dtype=torch.long)
+            pixel_values, pixel_attention_mask = pixel_values[keep_N], pixel_attention_mask[keep_N]
+            spatial_shapes, shapes = spatial_shapes[keep_N], [shapes[i] for i in keep]
+        return self._encode_and_project(pixel_values, pixel_attention_mask, spatial_shapes, shapes, **kwargs)
+
+    def _encode_and_project(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, shapes, **kwargs):
+        N, L, _ = pixel_values_NLP.shape
+        hidden_NLD = self.vision_tower(
+            pixel_values=pixel_values_NLP,
+            pixel_attention_mask=pixel_attention_mask_NL,
+            spatial_shapes=spatial_shapes_N2,
+            **kwargs,
+        ).last_hidden_state
+        index_TK = merged_patch_index(shapes, L, self.config.spatial_merge_size, hidden_NLD.device)
+        merged_TD = hidden_NLD.reshape(N * L, -1)[index_TK].flatten(1)
+        return self.multi_modal_projector(merged_TD)
+
+    def _dummy_image_features(self) -> torch.Tensor:
+        """Run both image modules on one k×k blank image, so every rank calls the same modules (FSDP, ZeRO-3)."""
+        k = self.config.spatial_merge_size
+        vision = self.config.vision_config
+        weight = self.vision_tower.embeddings.patch_embedding.weight
+        pixels = torch.zeros(1, k * k, vision.num_channels * vision.patch_size**2, device=weight.device, dtype=weight.dtype)
+        mask = torch.ones(1, k * k, device=weight.device, dtype=torch.long)
+        shapes = torch.tensor([[k, k]], device=weight.device, dtype=torch.long)
+        return self._encode_and_project(pixels, mask, shapes, [(k, k)])
+
+    def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """(B, S) mask of the image placeholder positions, from ids or, without them, from the embeddings."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def scatter_image_tokens(self, inputs_embeds_BSD, image_mask_BS, image_tokens_TD) -> torch.Tensor:
+        """Put the image tokens, in order, at the placeholder positions. Counts must match exactly."""
+        n_placeholders = int(image_mask_BS.sum())
+        if n_placeholders != image_tokens_TD.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text has {n_placeholders} image tokens "
+                f"(id {self.config.image_token_id}) but the images give {image_tokens_TD.shape[0]} features"
+            )
+        image_tokens_TD = image_tokens_TD.to(inputs_embeds_BSD.device, inputs_embeds_BSD.dtype)
+        return inputs_embeds_BSD.masked_scatter(image_mask_BS.unsqueeze(-1), image_tokens_TD)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> Llama3Siglip2ModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_tokens_TD = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_tokens_TD = self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes)
+            image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
+            inputs_embeds = self.scatter_image_tokens(inputs_embeds, image_mask_BS, image_tokens_TD)
+        elif self.training or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # A text-only batch still calls the image modules, with a zero contribution, so that sharded ranks
+            # (FSDP, ZeRO-3) gather the same parameters in the same order and never wait on each other.
+            inputs_embeds = inputs_embeds + 0.0 * self._dummy_image_features().sum()
+
+        if use_cache is None and attention_mask is None and position_ids is not None and past_key_values is None:
+            # Position ids without a mask mean packed rows; transformers derives per-sample masks only without a cache.
+            use_cache = False
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return Llama3Siglip2ModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_tokens_TD,
+        )
+
+
+class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: Llama3Siglip2Config):
+        super().__init__(config)
+        self.model = Llama3Siglip2Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values, pixel_attention_mask, spatial_shapes, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> Llama3Siglip2CausalLMOutputWithPast:
+        r"""
+        labels (`(B, S)`): targets for the shifted next-token loss; `config.ignore_index` marks positions to skip.
+        num_items_in_batch: the number of target tokens in the whole (accumulated, all-rank) batch. With it the
+            loss is a sum divided by that number, so gradient accumulation averages over tokens, not micro-batches.
+        logits_to_keep: compute logits only for the last N positions (an int), or for the given indices (a tensor).
+        """
+        if labels is not None and use_cache is None:
+            use_cache = False
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_BSD = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_BSD[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.causal_lm_loss(logits, labels, num_items_in_batch)
+        return Llama3Siglip2CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def causal_lm_loss(self, logits_BSV, labels_BS, num_items_in_batch=None) -> torch.Tensor:
+        """transformers' shifted causal-LM cross-entropy (fp32), skipping `config.ignore_index`."""
+        return ForCausalLMLoss(
+            logits_BSV,
+            labels_BS,
+            vocab_size=self.config.text_config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=self.config.ignore_index,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        pixel_values=None,
+        pixel_attention_mask=None,
+        spatial_shapes=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+        # The images are encoded once, in the prefill; later steps read their keys and values from the cache.
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs.update(
+                pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes
+            )
+        return model_inputs
+
+
+__all__ = ["Llama3Siglip2PreTrainedModel", "Llama3Siglip2Model", "Llama3Siglip2ForConditionalGeneration"]
