@@ -1,0 +1,291 @@
+"""The packing collator places every possible sample whole, isolated, with its images, and counts the rest."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processing.collator import (
+    IGNORE_INDEX,
+    TOO_LONG,
+    TOO_MANY_IMAGES,
+    MultimodalPackingCollator,
+    pack_samples,
+)
+
+PAD = 0
+D = 12  # values per patch of the synthetic images
+TOKEN_BLOCK = 1000  # token ids of sample i are 1000 * (i + 1) + position, so every token names its sample
+
+
+def make_sample(index: int, length: int, patch_counts: list[int], padded_patches: int = 0) -> dict:
+    """A processor-like sample whose tokens, labels and pixels each say which sample (and image) they belong to."""
+    input_ids = torch.arange(length) + TOKEN_BLOCK * (index + 1)
+    sample = {"input_ids": input_ids[None], "labels": (input_ids + 7)[None]}
+    if patch_counts:
+        L = max(patch_counts) + padded_patches
+        pixel_values = torch.full((len(patch_counts), L, D), -5.0)  # padding patches hold junk on purpose
+        mask = torch.zeros((len(patch_counts), L), dtype=torch.int32)
+        for j, count in enumerate(patch_counts):
+            pixel_values[j, :count] = image_value(index, j)
+            mask[j, :count] = 1
+        sample["pixel_values"] = pixel_values
+        sample["pixel_attention_mask"] = mask
+        sample["spatial_shapes"] = torch.tensor([[1, count] for count in patch_counts])
+    return sample
+
+
+def image_value(sample_index: int, image_index: int) -> float:
+    return sample_index * 10 + image_index + 1
+
+
+@st.composite
+def packing_cases(draw):
+    """Samples of random lengths and image counts, some impossible, with the possible ones within the budget."""
+    seq_len = draw(st.integers(4, 48))
+    max_images = draw(st.one_of(st.none(), st.integers(0, 5)))
+    budget_left = math.inf if max_images is None else max_images
+    samples, expected_skips = [], {}
+    for index in range(draw(st.integers(0, 12))):
+        length = draw(st.integers(1, seq_len + 6))
+        images = draw(st.integers(0, 3 if max_images is None else max_images + 2))
+        if length > seq_len:
+            expected_skips[index] = TOO_LONG
+        elif max_images is not None and images > max_images:
+            expected_skips[index] = TOO_MANY_IMAGES
+        else:
+            images = min(images, budget_left)
+            budget_left -= images
+        patch_counts = [draw(st.integers(1, 6)) for _ in range(images)]
+        samples.append(make_sample(index, length, patch_counts, padded_patches=draw(st.integers(0, 3))))
+    return seq_len, max_images, samples, expected_skips
+
+
+def collate(seq_len, max_images, samples):
+    collator = MultimodalPackingCollator(seq_len, pad_token_id=PAD, max_images=max_images)
+    return collator, collator(samples)
+
+
+def runs_of_samples(batch) -> list[tuple[int, int, int, int]]:
+    """(sample index, row, start, end) of every contiguous run of one sample's tokens, in token order."""
+    runs = []
+    for r, row in enumerate(batch["input_ids"].tolist()):
+        start = 0
+        while start < len(row):
+            owner = row[start] // TOKEN_BLOCK - 1
+            end = start
+            while end < len(row) and row[end] // TOKEN_BLOCK - 1 == owner and row[end] != PAD:
+                end += 1
+            if owner >= 0:
+                runs.append((owner, r, start, end))
+            start = max(end, start + 1)
+    return runs
+
+
+@settings(max_examples=80, deadline=None)
+@given(packing_cases())
+def test_every_possible_sample_appears_once_whole_with_restarting_positions(case):
+    seq_len, max_images, samples, expected_skips = case
+    _, batch = collate(seq_len, max_images, samples)
+    runs = runs_of_samples(batch)
+    placed = sorted(owner for owner, *_ in runs)
+    assert placed == [i for i in range(len(samples)) if i not in expected_skips]
+    for owner, r, start, end in runs:
+        assert batch["input_ids"][r, start:end].tolist() == samples[owner]["input_ids"][0].tolist()
+        assert batch["position_ids"][r, start:end].tolist() == list(range(end - start))
+
+
+@settings(max_examples=80, deadline=None)
+@given(packing_cases())
+def test_images_are_concatenated_in_the_order_of_their_samples_tokens(case):
+    seq_len, max_images, samples, _ = case
+    _, batch = collate(seq_len, max_images, samples)
+    expected_values, expected_shapes = [], []
+    for owner, *_ in runs_of_samples(batch):
+        for j, shape in enumerate(samples[owner].get("spatial_shapes", torch.empty(0, 2)).tolist()):
+            expected_values.append(image_value(owner, j))
+            expected_shapes.append(shape)
+    if not expected_values:
+        assert "pixel_values" not in batch
+        return
+    first_patch_values = batch["pixel_values"][:, 0, 0].tolist()
+    assert first_patch_values == expected_values
+    assert batch["spatial_shapes"].tolist() == expected_shapes
+    valid_patches = batch["pixel_attention_mask"].sum(dim=1).tolist()
+    assert valid_patches == [h * w for h, w in expected_shapes]
+
+
+@settings(max_examples=80, deadline=None)
+@given(packing_cases())
+def test_rows_hold_at_most_seq_len_and_are_padded_with_pad_id_and_ignored_labels(case):
+    seq_len, max_images, samples, _ = case
+    _, batch = collate(seq_len, max_images, samples)
+    assert batch["input_ids"].shape[1] == seq_len
+    padding = batch["input_ids"] == PAD
+    assert (batch["labels"][padding] == IGNORE_INDEX).all()
+    real_tokens = sum(end - start for _, _, start, end in runs_of_samples(batch))
+    assert real_tokens == int((~padding).sum())
+
+
+@settings(max_examples=80, deadline=None)
+@given(packing_cases())
+def test_first_label_of_every_sample_is_ignored_and_the_rest_are_kept(case):
+    seq_len, max_images, samples, _ = case
+    _, batch = collate(seq_len, max_images, samples)
+    for owner, r, start, end in runs_of_samples(batch):
+        expected = [IGNORE_INDEX] + samples[owner]["labels"][0, 1:].tolist()
+        assert batch["labels"][r, start:end].tolist() == expected
+
+
+@settings(max_examples=80, deadline=None)
+@given(packing_cases())
+def test_skipped_samples_are_exactly_the_impossible_ones_counted_by_reason(case):
+    seq_len, max_images, samples, expected_skips = case
+    collator, _ = collate(seq_len, max_images, samples)
+    expected = {}
+    for reason in expected_skips.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert dict(collator.skipped) == expected
+
+
+@settings(max_examples=80, deadline=None)
+@given(packing_cases())
+def test_images_per_batch_stay_within_the_budget(case):
+    seq_len, max_images, samples, _ = case
+    collator, batch = collate(seq_len, max_images, samples)
+    images = 0 if "pixel_values" not in batch else batch["pixel_values"].shape[0]
+    assert max_images is None or images <= max_images
+    assert collator.last_stats.images == images
+
+
+def reference_best_fit_decreasing(lengths, seq_len):
+    """The textbook algorithm, quadratic and obvious: longest first, into the fullest row it fits."""
+    rows, loads = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fitting = [r for r in range(len(rows)) if loads[r] + lengths[i] <= seq_len]
+        if fitting:
+            r = min(fitting, key=lambda r: (seq_len - loads[r], r))
+        else:
+            rows.append([])
+            loads.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        loads[r] += lengths[i]
+    return sorted((sorted(row) for row in rows), key=lambda row: row[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 100), max_size=60), st.integers(100, 300))
+def test_packing_equals_textbook_best_fit_decreasing(lengths, seq_len):
+    assert pack_samples(lengths, seq_len).rows == reference_best_fit_decreasing(lengths, seq_len)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 100), max_size=60), st.integers(100, 300))
+def test_no_two_rows_could_be_merged_into_one(lengths, seq_len):
+    # A row is only opened for a sample that fits no open row, so any two rows together overflow seq_len.
+    loads = [sum(lengths[i] for i in row) for row in pack_samples(lengths, seq_len).rows]
+    assert all(a + b > seq_len for i, a in enumerate(loads) for b in loads[i + 1 :])
+
+
+def test_best_fit_puts_a_sample_in_the_row_it_fills_most_tightly():
+    # After 70 | 50+40, a sample of 10 goes where 10 tokens are left, not where 30 are (first fit would).
+    plan = pack_samples([70, 50, 40, 10], seq_len=100)
+    assert plan.rows == [[0], [1, 2, 3]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 40), st.integers(0, 3)), max_size=40),
+    st.integers(1, 6),
+    st.integers(0, 8),
+    st.integers(20, 40),
+)
+def test_bounded_packing_accounts_for_every_sample_within_rows_and_image_budget(items, max_rows, max_images, seq_len):
+    lengths, images = [length for length, _ in items], [count for _, count in items]
+    plan = pack_samples(lengths, seq_len, images, max_images=max_images, max_rows=max_rows)
+    placed = [i for row in plan.rows for i in row]
+    assert sorted(placed + plan.unplaced + list(plan.skipped)) == list(range(len(items)))
+    assert len(plan.rows) <= max_rows
+    assert all(sum(lengths[i] for i in row) <= seq_len for row in plan.rows)
+    assert sum(images[i] for i in placed) <= max_images
+
+
+def test_higher_priority_samples_are_placed_before_longer_ones():
+    plan = pack_samples([10, 30, 30], seq_len=40, max_rows=1, priorities=[1, 0, 0])
+    assert plan.rows == [[0, 1]] and plan.unplaced == [2]
+
+
+def test_possible_samples_over_the_image_budget_together_raise_naming_them():
+    samples = [make_sample(0, 8, [2, 2]), make_sample(1, 8, [2])]
+    collator = MultimodalPackingCollator(64, pad_token_id=PAD, max_images=2)
+    with pytest.raises(ValueError, match=r"samples \[0, 1\] carry 3 images"):
+        collator(samples)
+
+
+def test_batch_has_position_ids_and_no_attention_mask():
+    batch = MultimodalPackingCollator(16, pad_token_id=PAD)([make_sample(0, 5, [3])])
+    assert set(batch) == {"input_ids", "labels", "position_ids", "pixel_values", "pixel_attention_mask", "spatial_shapes"}
+
+
+def test_text_only_batch_has_no_pixel_keys():
+    batch = MultimodalPackingCollator(16, pad_token_id=PAD)([make_sample(0, 5, [])])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+
+
+def test_image_tensors_have_the_agreed_dtypes():
+    batch = MultimodalPackingCollator(16, pad_token_id=PAD)([make_sample(0, 5, [3])])
+    dtypes = (batch["pixel_values"].dtype, batch["pixel_attention_mask"].dtype, batch["spatial_shapes"].dtype)
+    assert dtypes == (torch.float32, torch.int32, torch.int64)
+
+
+def test_padding_patches_are_cut_to_the_longest_image_of_the_batch():
+    samples = [make_sample(0, 4, [3], padded_patches=10), make_sample(1, 4, [5], padded_patches=2)]
+    batch = MultimodalPackingCollator(16, pad_token_id=PAD)(samples)
+    assert batch["pixel_values"].shape == (2, 5, D)
+    assert batch["pixel_attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_a_sample_with_or_without_the_leading_batch_dimension_collates_the_same():
+    sample = make_sample(0, 6, [2])
+    flat = {key: value[0] if key in ("input_ids", "labels") else value for key, value in sample.items()}
+    collator = MultimodalPackingCollator(16, pad_token_id=PAD)
+    with_dim, without_dim = collator([sample]), collator([flat])
+    assert all(torch.equal(with_dim[key], without_dim[key]) for key in with_dim)
+
+
+def test_attention_mask_padding_of_a_sample_is_dropped():
+    sample = make_sample(0, 4, [])
+    sample["input_ids"] = torch.cat([sample["input_ids"], torch.full((1, 3), PAD)], dim=1)
+    sample["labels"] = torch.cat([sample["labels"], torch.full((1, 3), IGNORE_INDEX)], dim=1)
+    sample["attention_mask"] = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    collator = MultimodalPackingCollator(16, pad_token_id=PAD)
+    collator([sample])
+    assert collator.last_stats.real_tokens == 4
+
+
+def test_without_labels_image_and_pad_tokens_are_never_targets():
+    image_token, boi = 5, 6
+    sample = {"input_ids": torch.tensor([[1, 6, 5, 5, 9, 10]])}
+    batch = MultimodalPackingCollator(8, pad_token_id=PAD, ignore_token_ids=(image_token, boi))([sample])
+    assert batch["labels"][0, :6].tolist() == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 9, 10]
+
+
+def test_stats_report_token_efficiency_and_image_slot_use():
+    collator = MultimodalPackingCollator(10, pad_token_id=PAD, max_images=4)
+    collator([make_sample(0, 6, [1]), make_sample(1, 7, [1])])
+    stats = collator.last_stats
+    assert (stats.rows, stats.efficiency, stats.image_slot_use) == (2, 13 / 20, 2 / 4)
+
+
+def test_padding_restarts_positions_so_it_is_a_sequence_of_its_own():
+    batch = MultimodalPackingCollator(6, pad_token_id=PAD)([make_sample(0, 4, [])])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1]]
+
+
+def test_malformed_sample_error_names_the_sample():
+    samples = [make_sample(0, 3, []), {"input_ids": torch.zeros(2, 3, dtype=torch.long)}]
+    with pytest.raises(ValueError, match="sample 1: input_ids has shape"):
+        MultimodalPackingCollator(8, pad_token_id=PAD)(samples)
