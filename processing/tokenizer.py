@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .processing_llama3_siglip2 import BEGIN_OF_IMAGE_TOKEN, END_OF_IMAGE_TOKEN, IMAGE_TOKEN, PAD_TOKEN
+
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 LLAMA3_SPECIAL_TOKENS = (
@@ -21,10 +23,6 @@ LLAMA3_SPECIAL_TOKENS = (
     "<|end_header_id|>",
     "<|eot_id|>",
 )
-IMAGE_TOKEN = "<|image|>"
-BEGIN_OF_IMAGE_TOKEN = "<|begin_of_image|>"
-END_OF_IMAGE_TOKEN = "<|end_of_image|>"
-PAD_TOKEN = "<|pad|>"
 IMAGE_SPECIAL_TOKENS = (IMAGE_TOKEN, BEGIN_OF_IMAGE_TOKEN, END_OF_IMAGE_TOKEN, PAD_TOKEN)
 
 
