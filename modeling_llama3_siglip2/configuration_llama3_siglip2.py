@@ -69,6 +69,10 @@ class Llama3Siglip2Config(PretrainedConfig):
         """Raise a `ValueError` that names the field for any setting the model cannot run with."""
         if not isinstance(self.spatial_merge_size, int) or self.spatial_merge_size < 1:
             raise ValueError(f"spatial_merge_size must be an integer >= 1, got {self.spatial_merge_size!r}")
+        grid = round(self.vision_config.num_patches**0.5)
+        if grid * grid != self.vision_config.num_patches:
+            raise ValueError(f"vision_config.num_patches must be a square (SigLIP2's position grid), got "
+                             f"{self.vision_config.num_patches}")
         vocab_size = self.text_config.vocab_size
         ids = {name: getattr(self, name) for name in ("image_token_id", "boi_token_id", "eoi_token_id")}
         for name, token_id in ids.items():

@@ -1,0 +1,138 @@
+"""Build the model and processor a run trains, then choose which parameters train (freezing, LoRA).
+
+Three sources, chosen by which arguments are set:
+    1. `model_name_or_path`: a saved Llama3Siglip2 folder or hub id (`from_pretrained`);
+    2. `text_model` + `vision_model`: composed from real checkpoints (`from_pretrained_components`);
+    3. neither: a small model from scratch, with a byte-level BPE tokenizer trained at start on the data's text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from modeling_llama3_siglip2 import (
+    Llama3Siglip2Config,
+    Llama3Siglip2ForConditionalGeneration,
+    Llama3Siglip2ImageProcessor,
+    Llama3Siglip2Processor,
+    build_byte_level_bpe_tokenizer,
+    from_pretrained_components,
+)
+from processing.scenes import COLOUR_NAMES, scene_caption
+
+TRAIN_PARTS = {
+    "projector": ("model.multi_modal_projector.",),
+    "projector+llm": ("model.multi_modal_projector.", "model.language_model.", "lm_head."),
+    "all": ("",),
+}
+
+
+def scratch_tokenizer_corpus() -> list[str]:
+    """Every scenes caption, plus plain English for other text: byte-level BPE still encodes any string."""
+    captions = [scene_caption(left, right) for left in COLOUR_NAMES for right in COLOUR_NAMES if left != right]
+    return captions + ["The quick brown fox jumps over the lazy dog. What is in the image? Describe it."]
+
+
+def build_model_and_processor(model_args):
+    dtype = getattr(torch, model_args.dtype)
+    if model_args.model_name_or_path:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+        )
+        return model, AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    if model_args.text_model or model_args.vision_model:
+        if not (model_args.text_model and model_args.vision_model):
+            raise ValueError("Composing a model needs both --text_model and --vision_model")
+        return from_pretrained_components(
+            model_args.text_model,
+            model_args.vision_model,
+            spatial_merge_size=model_args.spatial_merge_size,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
+            min_patches=model_args.min_patches,
+            max_patches=model_args.max_patches,
+        )
+    return build_scratch_model(model_args, scratch_tokenizer_corpus())
+
+
+def build_scratch_model(model_args, tokenizer_corpus):
+    """A small model with random weights; its tokenizer is trained on `tokenizer_corpus` in well under a second."""
+    tokenizer = build_byte_level_bpe_tokenizer(tokenizer_corpus, vocab_size=model_args.vocab_size)
+    max_patches = model_args.max_patches or 256
+    image_processor = Llama3Siglip2ImageProcessor(
+        patch_size=model_args.patch_size,
+        merge_size=model_args.spatial_merge_size,
+        min_patches=model_args.min_patches,
+        max_patches=max_patches,
+    )
+    processor = Llama3Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    config = Llama3Siglip2Config(
+        text_config=dict(
+            vocab_size=len(processor.tokenizer),
+            hidden_size=model_args.text_hidden_size,
+            intermediate_size=model_args.text_intermediate_size,
+            num_hidden_layers=model_args.text_layers,
+            num_attention_heads=model_args.text_heads,
+            num_key_value_heads=model_args.text_kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=processor.tokenizer.bos_token_id,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            pad_token_id=processor.pad_token_id,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            hidden_size=model_args.vision_hidden_size,
+            intermediate_size=model_args.vision_intermediate_size,
+            num_hidden_layers=model_args.vision_layers,
+            num_attention_heads=model_args.vision_heads,
+            patch_size=model_args.patch_size,
+            # SigLIP2 keeps a square grid of position embeddings and resizes it to each image's grid.
+            num_patches=math.ceil(math.sqrt(max_patches)) ** 2,
+        ),
+        spatial_merge_size=model_args.spatial_merge_size,
+        image_token_id=processor.image_token_id,
+        boi_token_id=processor.boi_token_id,
+        eoi_token_id=processor.eoi_token_id,
+        attn_implementation=model_args.attn_implementation,
+    )
+    model = Llama3Siglip2ForConditionalGeneration(config).to(getattr(torch, model_args.dtype))
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.pad_token_id
+    return model, processor
+
+
+def select_trainable(model, model_args):
+    """Freeze all but `train_parts`, or wrap the language model's linears with LoRA adapters (peft)."""
+    if model_args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        # Adapters only inside the decoder: a regex over full module names keeps SigLIP2's q/k/v out.
+        pattern = r".*language_model.*\.(" + "|".join(targets) + r")$"
+        lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                          target_modules=pattern, modules_to_save=["multi_modal_projector"])
+        return get_peft_model(model, lora)
+    if model_args.train_parts not in TRAIN_PARTS:
+        raise ValueError(f"train_parts must be one of {sorted(TRAIN_PARTS)}, got {model_args.train_parts!r}")
+    prefixes = TRAIN_PARTS[model_args.train_parts]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(prefixes))
+    return model
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder and encoder layer: the repeated blocks, compiled once and reused, no graph breaks
+    across the data-dependent image scatter."""
+    layer_classes = {"LlamaDecoderLayer", "Siglip2EncoderLayer"}
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            module.compile()
