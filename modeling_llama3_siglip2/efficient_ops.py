@@ -1,0 +1,251 @@
+"""Faster, leaner drop-ins for three steps of training, each computing the same function as the plain path.
+
+- `chunked_causal_lm_loss`: transformers' `ForCausalLMLoss(lm_head(hidden), labels)` without ever holding the
+  (tokens × vocabulary) logits in memory. Positions whose target is `ignore_index` (image tokens, padding, the first
+  token of each packed sample) are dropped before the matmul, and the rest go through the vocabulary in chunks.
+- `grouped_resize_positional_embeddings`: SigLIP2's per-image bilinear antialiased resize of its position grid, as one
+  matmul for the whole batch with no host sync. `use_grouped_position_embeddings` installs it on a vision tower.
+- `compile_layers` and `use_decoder_attention`: `torch.compile` per repeated layer, and an attention backend for the
+  decoder alone (SigLIP2 has no flex attention in transformers).
+
+Shape letters:
+    B  rows in the batch        S  tokens per row         D  hidden width
+    V  vocabulary size          M  tokens with a target   C  tokens in one chunk
+    N  images                   L  patches per (padded) image
+    H, W  the stored position grid (both `sqrt(num_patches)`)    G  target sizes 1..G covered by the cache
+
+Hub-travelling: imports only torch and transformers.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+# 2048 tokens × 128k vocabulary is 1 GiB of fp32 logits: large enough to keep the matmul efficient, small next to
+# the 6+ GiB the plain path holds for a 4096-token row.
+DEFAULT_CHUNK_SIZE = 2048
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype `lm_head` would run in here: autocast's if it is on for this device, else the tensor's own."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """Sum over M rows of cross_entropy(hidden_MD @ weight_VD.T, targets_M), gradients computed in the same pass.
+
+    Each chunk's logits are made, reduced to the loss and turned into their gradient before the next chunk, so the
+    peak is one (C, V) block. The gradients are kept for `backward`, which only scales them: one matmul pass fewer
+    than recomputing the logits there, for one (V, D) fp32 accumulator held until then.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_MD, weight_VD, targets_M, chunk_size, compute_dtype, grad_enabled):
+        need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
+        need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
+        M = hidden_MD.shape[0]
+        loss_sum = torch.zeros((), device=hidden_MD.device, dtype=torch.float32)
+        grad_hidden_MD = torch.empty_like(hidden_MD) if need_hidden_grad else None
+        grad_weight_VD = torch.zeros_like(weight_VD, dtype=torch.float32) if need_weight_grad else None
+        with torch.autocast(hidden_MD.device.type, enabled=False):
+            weight_c = weight_VD.to(compute_dtype)
+            for start in range(0, M, chunk_size):
+                hidden_CD = hidden_MD[start : start + chunk_size].to(compute_dtype)
+                targets_C1 = targets_M[start : start + chunk_size, None]
+                # Logits in the compute dtype, then fp32: the rounding the plain path (lm_head, then .float()) has.
+                logits_CV = (hidden_CD @ weight_c.T).float()
+                target_logit_C1 = logits_CV.gather(1, targets_C1)
+                max_C1 = logits_CV.amax(dim=1, keepdim=True)
+                exp_CV = logits_CV.sub_(max_C1).exp_()  # in place: the chunk's only (C, V) fp32 buffer
+                sum_exp_C1 = exp_CV.sum(dim=1, keepdim=True)
+                loss_sum += (max_C1 + sum_exp_C1.log() - target_logit_C1).sum()
+                if not (need_hidden_grad or need_weight_grad):
+                    continue
+                # d(lse - logit_t)/d logits = softmax - one_hot(t)
+                grad_logits_CV = exp_CV.div_(sum_exp_C1).scatter_add_(1, targets_C1, exp_CV.new_full(targets_C1.shape, -1.0))
+                grad_logits_CV = grad_logits_CV.to(compute_dtype)
+                if need_hidden_grad:
+                    grad_hidden_MD[start : start + chunk_size] = grad_logits_CV @ weight_c
+                if need_weight_grad:
+                    grad_weight_VD += grad_logits_CV.T @ hidden_CD
+        ctx.save_for_backward(grad_hidden_MD, grad_weight_VD)
+        ctx.weight_dtype = weight_VD.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden_MD, grad_weight_VD = ctx.saved_tensors
+        grad_hidden = None if grad_hidden_MD is None else grad_hidden_MD * grad_loss.to(grad_hidden_MD.dtype)
+        grad_weight = None
+        if grad_weight_VD is not None:
+            grad_weight = grad_weight_VD.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_causal_lm_loss(
+    hidden_BSD: torch.Tensor,
+    lm_head_weight_VD: torch.Tensor,
+    labels_BS: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss(hidden @ weight.T, labels)`, without materialising the logits.
+
+    Position s predicts label s+1; labels equal to `ignore_index` are skipped. With `num_items_in_batch` the loss is
+    the sum over targets divided by it (gradient accumulation over tokens), else the mean over targets (NaN when
+    there are none, as in `cross_entropy`). Under autocast the matmul runs in autocast's dtype and the softmax in fp32,
+    as in the plain path. One host sync, to count the targets.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    B, S, D = hidden_BSD.shape
+    if labels_BS.shape != (B, S):
+        raise ValueError(f"labels have shape {tuple(labels_BS.shape)} but the hidden states are ({B}, {S}, {D})")
+    targets_BS = F.pad(labels_BS[:, 1:], (0, 1), value=ignore_index).to(hidden_BSD.device)
+    kept_M = (targets_BS.reshape(-1) != ignore_index).nonzero().squeeze(1)
+    hidden_MD = hidden_BSD.reshape(B * S, D).index_select(0, kept_M)
+    targets_M = targets_BS.reshape(-1).index_select(0, kept_M)
+
+    loss_sum = _LinearCrossEntropySum.apply(
+        hidden_MD, lm_head_weight_VD, targets_M, chunk_size, _compute_dtype(hidden_BSD), torch.is_grad_enabled()
+    )
+    if num_items_in_batch is None:
+        return loss_sum / kept_M.numel()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
+
+
+# (source grid size, device) -> (G(G+1)/2, source) fp32: row t(t-1)/2 + r holds the weights that resizing a line of
+# `source` values to `t` values gives output r. Grows to the next power of two when a batch needs more.
+_RESIZE_WEIGHT_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _first_row_of_target(target_size: torch.Tensor) -> torch.Tensor:
+    return target_size * (target_size - 1) // 2
+
+
+@torch.compiler.disable
+def resize_weight_table(source_size: int, max_target_size: int, device) -> torch.Tensor:
+    """Rows of the 1-D bilinear antialiased resize matrices A_t (t × source), for every t up to `max_target_size`.
+
+    They are read off `F.interpolate` itself, applied to the identity, so they are exactly the weights SigLIP2's own
+    resize uses on this device; a 2-D resize is A_h @ grid @ A_w.T because the kernel's weights are separable.
+    Memory is G²/2 · source · 4 bytes: 2 MiB for G = 256 and a 16-wide grid, 33 MiB for G = 1024.
+    """
+    key = (source_size, str(device))
+    table = _RESIZE_WEIGHT_TABLES.get(key)
+    needed_rows = max_target_size * (max_target_size + 1) // 2
+    if table is None or table.shape[0] < needed_rows:
+        G = 1 << max(0, max_target_size - 1).bit_length()
+        # Channel c of the basis is one source row, constant along a width of 2 that is kept as it is: output
+        # channel c, row r is A_t[r, c]. Not a width of 1: PyTorch's CPU kernel mis-resizes 1-wide images (every
+        # output row gets the first row's weights).
+        eye = torch.eye(source_size, device=device, dtype=torch.float32)
+        basis = eye[None, :, :, None].expand(1, source_size, source_size, 2).contiguous()
+        blocks = [
+            F.interpolate(basis, size=(t, 2), mode="bilinear", align_corners=False, antialias=True)[0, :, :, 0].T
+            for t in range(1, G + 1)
+        ]
+        table = torch.cat(blocks)
+        _RESIZE_WEIGHT_TABLES[key] = table
+    return table
+
+
+def grouped_resize_positional_embeddings(
+    positional_embeddings: torch.Tensor, spatial_shapes: torch.Tensor, max_length: int
+) -> torch.Tensor:
+    """Drop-in for `Siglip2VisionEmbeddings.resize_positional_embeddings`: (H, W, D) grid -> (N, max_length, D).
+
+    Image n's first h·w rows are the grid resized to its (h, w) (bilinear, antialiased, as transformers does) in
+    raster order; the rest repeat its first row, as transformers pads. All images in one matmul, in fp32 whatever
+    the autocast, cast back to the grid's dtype. No host sync. Shapes must be valid (the model checks them): h, w > 0
+    and h·w <= max_length.
+    """
+    positional_embeddings_HWD = positional_embeddings
+    H, W, D = positional_embeddings_HWD.shape
+    device = positional_embeddings_HWD.device
+    N = spatial_shapes.shape[0]
+    table_h = resize_weight_table(H, max_length, device)
+    table_w = table_h if W == H else resize_weight_table(W, max_length, device)
+
+    heights_N1 = spatial_shapes[:, 0:1].to(device)
+    widths_N1 = spatial_shapes[:, 1:2].to(device).clamp(min=1)
+    position_1L = torch.arange(max_length, device=device)[None]
+    valid_NL = position_1L < heights_N1 * widths_N1
+    # Padding positions take row 0, column 0: the first resized embedding, which is what transformers pads with.
+    rows_NL = torch.where(valid_NL, position_1L // widths_N1, 0)
+    cols_NL = torch.where(valid_NL, position_1L % widths_N1, 0)
+    weights_h_NLH = table_h[_first_row_of_target(heights_N1) + rows_NL]
+    weights_w_NLW = table_w[_first_row_of_target(widths_N1) + cols_NL]
+    weights_NLHW = weights_h_NLH[..., :, None] * weights_w_NLW[..., None, :]
+    with torch.autocast(device.type, enabled=False):
+        resized = weights_NLHW.reshape(N * max_length, H * W) @ positional_embeddings_HWD.float().reshape(H * W, D)
+    return resized.reshape(N, max_length, D).to(positional_embeddings_HWD.dtype)
+
+
+def use_grouped_position_embeddings(vision_tower: nn.Module, enabled: bool = True) -> int:
+    """Make every SigLIP2 vision embedding in `vision_tower` resize with `grouped_resize_positional_embeddings`.
+
+    Patches the instances, not the class, so other models in the process keep transformers' loop. `enabled=False`
+    restores it. Returns how many embeddings were changed.
+    """
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    embeddings = [module for module in vision_tower.modules() if isinstance(module, Siglip2VisionEmbeddings)]
+    if not embeddings:
+        raise ValueError(f"{type(vision_tower).__name__} holds no Siglip2VisionEmbeddings to patch")
+    for module in embeddings:
+        if enabled:
+            # An instance attribute shadows the class's staticmethod and, being a plain function, is not bound.
+            module.resize_positional_embeddings = grouped_resize_positional_embeddings
+        else:
+            module.__dict__.pop("resize_positional_embeddings", None)
+    return len(embeddings)
+
+
+def compile_layers(model: nn.Module, **compile_kwargs) -> int:
+    """`torch.compile` each Llama decoder layer and SigLIP2 encoder layer in place; returns how many.
+
+    Layers rather than the whole model: the repeated block is compiled once and reused, the Python between layers
+    (masks, the image scatter with its host syncs) stays eager, and graph breaks there cost nothing. The encoder
+    layers default to dynamic shapes: the images' count and padded length change every batch, and a first static
+    compile would only be thrown away. Packed decoder rows keep one shape, so the decoder stays static.
+    """
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LlamaDecoderLayer):
+            module.compile(**compile_kwargs)
+        elif isinstance(module, Siglip2EncoderLayer):
+            module.compile(**{"dynamic": True, **compile_kwargs})
+        else:
+            continue
+        count += 1
+    return count
+
+
+def use_decoder_attention(model: nn.Module, implementation: str) -> None:
+    """Give the decoder its own attention backend (e.g. "flex_attention"), leaving the vision tower's as it is.
+
+    SigLIP2 has no flex attention kernel in transformers, so one backend for the whole model cannot be flex. The
+    decoder's flex path builds a block-sparse mask from packed `position_ids`, skipping the blocks across samples.
+    """
+    model.set_attn_implementation({"text_config": implementation})
+
+
+__all__ = [
+    "chunked_causal_lm_loss",
+    "grouped_resize_positional_embeddings",
+    "use_grouped_position_embeddings",
+    "compile_layers",
+    "use_decoder_attention",
+    "resize_weight_table",
+]

@@ -1,0 +1,242 @@
+"""Each optimisation in `efficient_ops` computes what the plain transformers path computes, values and gradients.
+
+The references are transformers' own: `ForCausalLMLoss` on full logits, `Siglip2VisionEmbeddings.resize_positional_
+embeddings`, and an unpatched `Siglip2VisionModel` with the same weights.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import Siglip2VisionConfig, Siglip2VisionModel
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+from modeling_llama3_siglip2.efficient_ops import (
+    chunked_causal_lm_loss,
+    compile_layers,
+    grouped_resize_positional_embeddings,
+    use_decoder_attention,
+    use_grouped_position_embeddings,
+)
+
+IGNORE = -100
+
+
+def plain_loss(hidden_BSD, weight_VD, labels_BS, num_items_in_batch=None):
+    logits = F.linear(hidden_BSD, weight_VD)
+    return ForCausalLMLoss(logits, labels_BS, vocab_size=weight_VD.shape[0], num_items_in_batch=num_items_in_batch)
+
+
+def loss_and_grads(loss_fn, hidden_BSD, weight_VD, *args, **kwargs):
+    hidden_BSD = hidden_BSD.detach().requires_grad_()
+    weight_VD = weight_VD.detach().requires_grad_()
+    loss = loss_fn(hidden_BSD, weight_VD, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), hidden_BSD.grad, weight_VD.grad
+
+
+def random_labels(B, S, V, ignored_fraction, generator):
+    labels = torch.randint(0, V, (B, S), generator=generator)
+    ignored = torch.rand((B, S), generator=generator) < ignored_fraction
+    return labels.masked_fill(ignored, IGNORE)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    S=st.integers(2, 40),
+    V=st.integers(2, 70),
+    chunk_size=st.integers(1, 50),
+    ignored_fraction=st.sampled_from([0.0, 0.3, 0.8]),
+    num_items=st.sampled_from([None, "int", "tensor"]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_loss_matches_transformers_loss_and_gradients(B, S, V, chunk_size, ignored_fraction, num_items, seed):
+    generator = torch.Generator().manual_seed(seed)
+    D = 8
+    hidden = torch.randn(B, S, D, generator=generator)
+    weight = torch.randn(V, D, generator=generator)
+    labels = random_labels(B, S, V, ignored_fraction, generator)
+    labels[0, 1] = 0  # at least one target, so that the mean is defined
+    num_items_in_batch = {None: None, "int": 37, "tensor": torch.tensor(37)}[num_items]
+
+    expected = loss_and_grads(plain_loss, hidden, weight, labels, num_items_in_batch)
+    got = loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, num_items_in_batch, chunk_size=chunk_size)
+    for name, want, have in zip(("loss", "grad hidden", "grad weight"), expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():
+    """Under autocast both run the matmul in bf16 and the softmax in fp32, so they agree to bf16 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    B, S, D, V = 2, 96, 32, 300
+    hidden = torch.randn(B, S, D, generator=generator)
+    weight = torch.randn(V, D, generator=generator) * 0.2
+    labels = random_labels(B, S, V, 0.5, generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = loss_and_grads(plain_loss, hidden, weight, labels)
+        got = loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, chunk_size=17)
+    assert got[2].dtype == torch.float32, "the weight's gradient comes back in the weight's own dtype"
+    for name, want, have in zip(("loss", "grad hidden", "grad weight"), expected, got):
+        relative = (have - want).norm() / want.norm()
+        assert relative < 1e-2, f"{name}: relative error {relative:.2e} is beyond bf16 rounding"
+
+
+def test_chunked_loss_without_targets_is_nan_as_a_mean_and_zero_as_a_sum():
+    hidden, weight = torch.randn(1, 5, 4), torch.randn(7, 4)
+    labels = torch.full((1, 5), IGNORE)
+    labels[0, 0] = 3  # the first label is never a target: nothing predicts it
+    assert torch.isnan(plain_loss(hidden, weight, labels)) and torch.isnan(chunked_causal_lm_loss(hidden, weight, labels))
+    loss, grad_hidden, grad_weight = loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, 4)
+    assert loss == 0 and not grad_hidden.any() and not grad_weight.any()
+
+
+def test_chunked_loss_skips_gradients_it_is_not_asked_for():
+    """With the head frozen (LoRA, say) the loss still trains the hidden states, and leaves the weight alone."""
+    hidden = torch.randn(1, 9, 4, requires_grad=True)
+    weight = torch.randn(7, 4)
+    labels = torch.randint(0, 7, (1, 9))
+    chunked_causal_lm_loss(hidden, weight, labels, chunk_size=4).backward()
+    expected_hidden = hidden.detach().requires_grad_()
+    plain_loss(expected_hidden, weight, labels).backward()
+    torch.testing.assert_close(hidden.grad, expected_hidden.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_causal_lm_loss(hidden, weight, labels), plain_loss(hidden, weight, labels))
+
+
+def reference_resize(grid_HWD, spatial_shapes_N2, max_length):
+    return Siglip2VisionEmbeddings.resize_positional_embeddings(grid_HWD, spatial_shapes_N2, max_length)
+
+
+# Width >= 2: PyTorch's CPU antialiased kernel mis-resizes to a width of 1 (see the test after this one).
+image_shape = st.tuples(st.integers(1, 40), st.integers(2, 40)).filter(lambda hw: hw[0] * hw[1] <= 300)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    grid=st.sampled_from([(16, 16), (8, 8), (5, 7)]),
+    shapes=st.lists(image_shape, min_size=1, max_size=6),
+    repeats=st.integers(1, 3),
+    padding=st.integers(0, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_resize_matches_transformers_resize_and_its_gradient(grid, shapes, repeats, padding, seed):
+    """Repeated shapes, padding positions past h·w, square and non-square grids: the same values and gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    H, W = grid
+    grid_HWD = torch.randn(H, W, 24, generator=generator, requires_grad=True)
+    spatial_shapes = torch.tensor(shapes * repeats)
+    max_length = max(h * w for h, w in shapes) + padding
+
+    expected = reference_resize(grid_HWD, spatial_shapes, max_length)
+    got = grouped_resize_positional_embeddings(grid_HWD, spatial_shapes, max_length)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    upstream = torch.randn(expected.shape, generator=generator)
+    (expected_grad,) = torch.autograd.grad(expected, grid_HWD, upstream)
+    (got_grad,) = torch.autograd.grad(got, grid_HWD, upstream)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_one_patch_wide_images_get_the_transposed_resize():
+    """A (h, 1) image gets the transpose of the (1, h) resize of the transposed grid, as bilinear resizing must.
+
+    transformers' own loop does not on the CPU: `F.interpolate(antialias=True)` to a width of 1 gives every output row
+    the first row's weights there. So this reference transposes, keeping the kernel off width-1 outputs.
+    """
+    grid_HWD = torch.randn(16, 16, 12)
+    heights = [2, 5, 16, 37]
+    got = grouped_resize_positional_embeddings(grid_HWD, torch.tensor([[h, 1] for h in heights]), 40)
+    for n, h in enumerate(heights):
+        transposed = reference_resize(grid_HWD.transpose(0, 1), torch.tensor([[1, h]]), h)[0]
+        torch.testing.assert_close(got[n, :h], transposed, rtol=1e-5, atol=1e-5)
+
+
+def tiny_vision_tower(seed=0):
+    torch.manual_seed(seed)
+    config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 patch_size=4, num_patches=64, vision_use_head=False)
+    return Siglip2VisionModel(config).train()
+
+
+def naflex_batch(shapes, L, generator):
+    pixel_values = torch.randn(len(shapes), L, 3 * 4 * 4, generator=generator)
+    mask = torch.zeros(len(shapes), L, dtype=torch.long)
+    for n, (h, w) in enumerate(shapes):
+        mask[n, : h * w] = 1
+    return dict(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=torch.tensor(shapes))
+
+
+def test_vision_tower_with_grouped_position_embeddings_matches_the_unpatched_tower():
+    generator = torch.Generator().manual_seed(3)
+    batch = naflex_batch([(8, 8), (3, 12), (8, 8), (10, 2), (5, 5)], 64, generator)
+    valid = batch["pixel_attention_mask"].bool()
+    # Not a sum of squares: after the final LayerNorm that is nearly constant, and its gradients are rounding noise.
+    upstream = torch.randn(int(valid.sum()), 32, generator=generator)
+    outputs, grads = [], []
+    for patched in (False, True):
+        tower = tiny_vision_tower()
+        if patched:
+            assert use_grouped_position_embeddings(tower) == 1
+        hidden = tower(**batch).last_hidden_state
+        (hidden[valid] * upstream).sum().backward()
+        outputs.append(hidden[valid].detach())
+        grads.append({name: p.grad for name, p in tower.named_parameters()})
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    # fp32 sums in another order: compare whole tensors, as elements near zero have no relative precision. The floor,
+    # relative to all gradients, is for the key biases, whose true gradient is zero (softmax ignores a shift of all
+    # keys), so what they get is rounding noise.
+    floor = 1e-6 * torch.cat([g.flatten() for g in grads[0].values()]).norm()
+    for name, want in grads[0].items():
+        error = (grads[1][name] - want).norm()
+        assert error <= 1e-5 * want.norm() + floor, f"{name}: error {error:.2e} against a norm of {want.norm():.2e}"
+
+
+def test_use_grouped_position_embeddings_can_be_undone_and_refuses_a_model_without_siglip2():
+    tower = tiny_vision_tower()
+    use_grouped_position_embeddings(tower)
+    assert tower.embeddings.resize_positional_embeddings is grouped_resize_positional_embeddings
+    use_grouped_position_embeddings(tower, enabled=False)
+    assert tower.embeddings.resize_positional_embeddings == Siglip2VisionEmbeddings.resize_positional_embeddings
+    with pytest.raises(ValueError, match="no Siglip2VisionEmbeddings"):
+        use_grouped_position_embeddings(torch.nn.Linear(2, 2))
+
+
+def test_decoder_attention_changes_the_decoder_only(built):
+    model, _ = built
+    try:
+        use_decoder_attention(model, "eager")
+        assert model.model.language_model.config._attn_implementation == "eager"
+        assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    finally:
+        use_decoder_attention(model, "sdpa")
+
+
+def test_compiled_layers_compute_what_the_eager_layers_compute(built):
+    """Both towers' layers go through dynamo (here to a backend that runs the traced graph: tracing, not codegen)."""
+    from modeling_llama3_siglip2 import Llama3Siglip2ForConditionalGeneration
+
+    model, _ = built
+    compiled = Llama3Siglip2ForConditionalGeneration(model.config).eval()
+    compiled.load_state_dict(model.state_dict())
+    traced_ops = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced_ops.append({str(node.target) for node in graph_module.graph.nodes})
+        return graph_module.forward
+
+    count = compile_layers(compiled, backend=recording_backend)
+    assert count == model.config.text_config.num_hidden_layers + model.config.vision_config.num_hidden_layers
+    generator = torch.Generator().manual_seed(0)
+    image = naflex_batch([(4, 4)], 16, generator)
+    input_ids = torch.randint(0, 200, (1, 30), generator=generator)
+    input_ids[0, 3:19] = model.config.image_token_id
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, **image).logits
+        got = compiled(input_ids=input_ids, **image).logits
+    torch.testing.assert_close(got, expected)
+    traced = set().union(*traced_ops)
+    assert any("silu" in op for op in traced), "no Llama layer was traced"
+    assert any("layer_norm" in op for op in traced), "no SigLIP2 layer was traced"
