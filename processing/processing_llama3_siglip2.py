@@ -60,6 +60,12 @@ class Llama3Siglip2Processor(ProcessorMixin):
     """A tokenizer and a `Llama3Siglip2ImageProcessor`, with the image tokens added to the tokenizer if missing.
 
     `image_token_id`, `boi_token_id`, `eoi_token_id` and `pad_token_id` are the ids the model config must carry.
+
+    `save_pretrained` writes the tokenizer, `chat_template.jinja` and `processor_config.json`, in which transformers 5
+    nests the image processor; both carry their `auto_map`, and this file and its siblings are copied alongside. There
+    is deliberately no separate `preprocessor_config.json`: transformers reads the nested one first, and from a
+    standalone one with an `AutoImageProcessor` auto_map its pipelines guess a remote video processor and stop to
+    ask whether to trust remote code.
     """
 
     def __init__(
@@ -236,12 +242,6 @@ class Llama3Siglip2Processor(ProcessorMixin):
         self._check_template_tokens(chat_template or self.chat_template)
         kwargs.setdefault("image_token", self.image_token)
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
-
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        # transformers nests the image processor in processor_config.json; tools that load an image processor on
-        # its own (AutoImageProcessor in older versions, vLLM, TGI) look for preprocessor_config.json.
-        return files + self.image_processor.save_pretrained(save_directory)
 
     def _template_kwargs(self) -> dict[str, Any]:
         return {**self.tokenizer.special_tokens_map, "image_token": self.image_token}
