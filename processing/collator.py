@@ -220,11 +220,8 @@ class MultimodalPackingCollator:
     @classmethod
     def from_processor(cls, processor, seq_len: int, max_images: int | None = None, **kwargs):
         """Take the pad id and the ids that are never targets (image, boi, eoi, pad) from the processor."""
-        tokenizer = processor.tokenizer
-        special = [processor.image_token, tokenizer.pad_token]
-        special += [getattr(processor, name, None) for name in ("boi_token", "eoi_token")]
-        ids = [tokenizer.convert_tokens_to_ids(token) for token in special if token is not None]
-        return cls(seq_len, tokenizer.pad_token_id, max_images, ignore_token_ids=ids, **kwargs)
+        never_targets = (processor.image_token_id, processor.boi_token_id, processor.eoi_token_id, processor.pad_token_id)
+        return cls(seq_len, processor.pad_token_id, max_images, ignore_token_ids=never_targets, **kwargs)
 
     def __call__(self, samples: Sequence[Mapping]) -> BatchFeature:
         packed, possible = [], []

@@ -339,3 +339,40 @@ def test_packing_buffer_fills_rows_to_97_percent_on_caption_like_lengths():
     batches = stream_through_buffer([(n, 1) for n in lengths], seq_len=2048, rows=8, max_images=None)
     rows = sum(len(batch) for batch in batches)
     assert sum(lengths) / (rows * 2048) >= 0.97
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_row_logits_equal_each_sample_run_alone(attn_implementation):
+    from modeling_llama3_siglip2 import Llama3Siglip2Config, Llama3Siglip2ForConditionalGeneration
+    from processing import Llama3Siglip2ImageProcessor, Llama3Siglip2Processor, build_byte_level_bpe_tokenizer
+    from processing.scenes import COLOUR_NAMES, ScenesSource, scene_caption
+
+    tokenizer = build_byte_level_bpe_tokenizer([scene_caption(a, b) for a in COLOUR_NAMES for b in COLOUR_NAMES], 300)
+    image_processor = Llama3Siglip2ImageProcessor(patch_size=4, merge_size=2, max_patches=64)
+    processor = Llama3Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    config = Llama3Siglip2Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=4, num_patches=64),
+        spatial_merge_size=2,
+        image_token_id=processor.image_token_id,
+        boi_token_id=processor.boi_token_id,
+        eoi_token_id=processor.eoi_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    model = Llama3Siglip2ForConditionalGeneration(config).eval()
+    source = ScenesSource("train", 10, interleaved_share=0.5)
+    samples = [processor.process_sample(source[i]["text"], source[i]["images"]) for i in range(4)]
+    lengths = [sample["input_ids"].shape[1] for sample in samples]
+    # One row with room to spare: best-fit puts all four there, in order, followed by padding.
+    batch = MultimodalPackingCollator.from_processor(processor, seq_len=sum(lengths) + 5)(samples)
+    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] > 4
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]
+        start = 0
+        for sample, length in zip(samples, lengths):
+            alone = model(**{k: v for k, v in sample.items() if k != "labels"}, use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start : start + length], alone, atol=1e-5, rtol=1e-5)
+            start += length
