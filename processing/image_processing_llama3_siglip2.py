@@ -206,7 +206,7 @@ class Llama3Siglip2ImageProcessor(BaseImageProcessor):
                 image = image.resize((width, height), resample=resample)
             pixels.append(np.asarray(image))
 
-        shapes = [(H // p, W // p) for H, W, _ in (pixels_HWC.shape for pixels_HWC in pixels)]
+        shapes = [(pixels_HWC.shape[0] // p, pixels_HWC.shape[1] // p) for pixels_HWC in pixels]
         spatial_shapes_N2 = np.array(shapes, dtype=np.int64).reshape(-1, 2)
         lengths_N = spatial_shapes_N2.prod(axis=1)
         N, D = len(pixels), 3 * p * p

@@ -142,7 +142,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         if text is None:
             if images is None:
                 raise ValueError("Llama3Siglip2Processor needs text, images or both")
-            return self._process_images(images, return_tensors, images_kwargs)
+            return BatchFeature(self._process_images(images, return_tensors, images_kwargs))
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(sample, str) for sample in texts):
             raise TypeError("text must be a string or a list of strings")
@@ -157,8 +157,8 @@ class Llama3Siglip2Processor(ProcessorMixin):
                 data["spatial_shapes"], images_kwargs.get("merge_size")
             )
         token_rows = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        label_rows = [[IGNORE_INDEX if t == self.image_token_id else t for t in row] for row in token_rows]
-        rows, labels = self._expand_image_tokens(token_rows, label_rows, images_per_sample, tokens_per_image)
+        # Every text token is its own label; the expansion puts -100 on the image tokens.
+        rows, labels = self._expand_image_tokens(token_rows, token_rows, images_per_sample, tokens_per_image)
 
         padded = self.tokenizer.pad(
             {"input_ids": rows},
