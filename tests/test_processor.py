@@ -305,7 +305,16 @@ def test_auto_processor_loads_our_class_without_remote_code_once_the_package_reg
 
 
 CLEAN_LOAD = """
-import importlib.util, sys, torch
+import importlib, importlib.util, os, sys
+# -I drops PYTHONPATH and the working directory, but an editable install (CI runs `pip install -e .`) hooks a finder
+# for the package into sys.meta_path from site-packages. Remove every way back to this repository.
+editable = lambda hook: getattr(hook, "__module__", "").startswith("__editable__")
+sys.meta_path[:] = [finder for finder in sys.meta_path if not editable(finder)]
+sys.path_hooks[:] = [hook for hook in sys.path_hooks if not editable(hook)]
+sys.path[:] = [entry for entry in sys.path if not os.path.abspath(entry).startswith(sys.argv[4])]
+sys.path_importer_cache.clear()
+importlib.invalidate_caches()
+import torch
 assert importlib.util.find_spec("processing") is None, "the package must not be importable here"
 assert importlib.util.find_spec("modeling_llama3_siglip2") is None
 from transformers import AutoProcessor
@@ -325,7 +334,7 @@ def test_trust_remote_code_load_in_a_clean_process_gives_identical_outputs(tmp_p
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     # -I: ignore PYTHONPATH and user site-packages, and do not put the working directory on sys.path.
     command = [sys.executable, "-I", "-c", textwrap.dedent(CLEAN_LOAD), str(tmp_path / "saved"),
-               str(tmp_path / "red.png"), str(tmp_path / "out.pt")]
+               str(tmp_path / "red.png"), str(tmp_path / "out.pt"), str(PROCESSING_DIR.parent)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt")
