@@ -103,6 +103,8 @@ def patchify(pixels_HWC: np.ndarray, patch_size: int, scale_D: np.ndarray, offse
 
 
 class Llama3Siglip2ImagesKwargs(ImagesKwargs, total=False):
+    """The settings `from_pretrained(folder, **overrides)` may override, beyond transformers' own."""
+
     patch_size: int
     merge_size: int
     min_patches: int

@@ -239,8 +239,11 @@ class Llama3Siglip2Processor(ProcessorMixin):
         """
         if kwargs.get("return_assistant_tokens_mask"):
             raise ValueError("return_assistant_tokens_mask is not supported; use processor.build_sft_sample(messages)")
-        self._check_template_tokens(chat_template or self.chat_template)
-        kwargs.setdefault("image_token", self.image_token)
+        template = chat_template or self.chat_template
+        self._check_template_tokens(template)
+        if isinstance(template, str) and "image_token" in template:
+            # Only for templates that read it: transformers hands other unknown kwargs on to `__call__`.
+            kwargs.setdefault("image_token", self.image_token)
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def _template_kwargs(self) -> dict[str, Any]:

@@ -342,3 +342,10 @@ def test_trust_remote_code_load_in_a_clean_process_gives_identical_outputs(tmp_p
     assert remote.keys() == local.keys()
     assert all(torch.equal(remote[name], local[name]) for name in local)
 
+
+
+def test_a_custom_chat_template_without_the_image_token_variable_tokenizes(processor):
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}<|eot_id|>{% endfor %}"
+    out = processor.apply_chat_template([{"role": "user", "content": "a red box"}], chat_template=template,
+                                        tokenize=True, return_dict=True)
+    assert processor.tokenizer.decode(out["input_ids"][0]) == "<|begin_of_text|>a red box<|eot_id|>"
