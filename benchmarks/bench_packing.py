@@ -92,10 +92,14 @@ def main():
         )
         rows = sort_then_greedy(samples)
         print(f"| {label} | seed: sort-then-greedy, buffer 100 | {rows} | {real / (rows * SEQ_LEN):.2%} | - |")
-        print(f"| {label} | padding, one sample per row, to the batch's longest | {len(samples)} | "
-              f"{real / padded_rows_to_longest(samples):.2%} | - |")
-        print(f"| {label} | padding, one sample per row, to seq_len | {len(samples)} | "
-              f"{real / (len(samples) * SEQ_LEN):.2%} | - |")
+        print(
+            f"| {label} | padding, one sample per row, to the batch's longest | {len(samples)} | "
+            f"{real / padded_rows_to_longest(samples):.2%} | - |"
+        )
+        print(
+            f"| {label} | padding, one sample per row, to seq_len | {len(samples)} | "
+            f"{real / (len(samples) * SEQ_LEN):.2%} | - |"
+        )
 
 
 if __name__ == "__main__":

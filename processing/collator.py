@@ -220,11 +220,16 @@ class MultimodalPackingCollator:
     @classmethod
     def from_processor(cls, processor, seq_len: int, max_images: int | None = None, **kwargs):
         """Take the pad id and the ids that are never targets (image, boi, eoi, pad) from the processor."""
-        never_targets = (processor.image_token_id, processor.boi_token_id, processor.eoi_token_id, processor.pad_token_id)
+        never_targets = (
+            processor.image_token_id,
+            processor.boi_token_id,
+            processor.eoi_token_id,
+            processor.pad_token_id,
+        )
         return cls(seq_len, processor.pad_token_id, max_images, ignore_token_ids=never_targets, **kwargs)
 
     def __call__(self, samples: Sequence[Mapping]) -> BatchFeature:
-        packed, possible = [], []
+        possible = []
         for index, sample in enumerate(samples):
             packed_sample = to_packed_sample(sample, index, self.ignore_token_ids)
             if packed_sample.length == 0:

@@ -69,8 +69,6 @@ class DataConfig:
     strict: bool = False
 
 
-
-
 def build_train_dataloader(
     config: DataConfig, processor, seq_len: int, rank: int = 0, world_size: int = 1
 ) -> PackedDataLoader:

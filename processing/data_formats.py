@@ -66,7 +66,10 @@ class ColumnMap:
     def resolved(self) -> ColumnMap:
         """Fill in the format and the column names from `columns`, or say what is missing."""
         names = set(self.columns)
-        pick = lambda given, candidates: given or next((c for c in candidates if c in names), None)  # noqa: E731
+
+        def pick(given: str | None, candidates: Sequence[str]) -> str | None:
+            return given or next((c for c in candidates if c in names), None)
+
         messages = pick(self.messages, ("messages", "conversations"))
         images, texts = pick(self.images, ("images",)), pick(self.texts, ("texts",))
         image, text = pick(self.image, IMAGE_COLUMNS), pick(self.text, CAPTION_COLUMNS)
@@ -81,7 +84,12 @@ class ColumnMap:
             )
         if fmt == "chat" and images is None:
             images = pick(None, ("image",))
-        needed = {"caption": (image, text), "interleaved": (images, texts), "chat": (messages,), "text": (text, images)}
+        needed = {
+            "caption": (image, text),
+            "interleaved": (images, texts),
+            "chat": (messages,),
+            "text": (text, images),
+        }
         if None in needed[fmt]:
             raise ValueError(f"format {fmt!r} needs columns that {sorted(names)} lack; name them in the data config")
         return ColumnMap(fmt, image, text, images, texts, messages, self.columns)
@@ -115,7 +123,9 @@ class SampleMaker:
             text, raw_images = getattr(self, f"_{fmt}")(example)
             self._check_text(text, len(raw_images))
         if self.max_images is not None and len(raw_images) > self.max_images:
-            raise SkippedSample(TOO_MANY_IMAGES, f"{len(raw_images)} images, over the batch budget of {self.max_images}")
+            raise SkippedSample(
+                TOO_MANY_IMAGES, f"{len(raw_images)} images, over the batch budget of {self.max_images}"
+            )
         images = [self._load(image) for image in raw_images]
         try:
             if fmt == "chat":
@@ -136,7 +146,9 @@ class SampleMaker:
         if not text.replace(token, "").strip():
             raise SkippedSample(EMPTY_TEXT, "no text besides image placeholders")
         if text.count(token) != image_count:
-            raise SkippedSample(PLACEHOLDER_MISMATCH, f"{text.count(token)} {token} placeholders but {image_count} images")
+            raise SkippedSample(
+                PLACEHOLDER_MISMATCH, f"{text.count(token)} {token} placeholders but {image_count} images"
+            )
 
     def _caption(self, example: Mapping) -> tuple[str, list]:
         image, caption = example[self.columns.image], example[self.columns.text]
@@ -167,7 +179,9 @@ class SampleMaker:
         given = example.get(self.columns.images) if self.columns.images else None
         given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
         messages = [self._message(message) for message in example[self.columns.messages] or []]
-        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"]
+        parts = [
+            p for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image"
+        ]
         carried = [part.pop("image", None) or part.pop("path", None) for part in parts]
         bare = carried.count(None)
         if bare != len(given):
@@ -184,7 +198,9 @@ class SampleMaker:
         role = LLAVA_ROLES.get(message.get("role") or message.get("from"), message.get("role") or message.get("from"))
         content = message.get("content", message.get("value"))
         if isinstance(content, str):
-            pieces = content.replace(LLAVA_IMAGE_PLACEHOLDER, self.processor.image_token).split(self.processor.image_token)
+            pieces = content.replace(LLAVA_IMAGE_PLACEHOLDER, self.processor.image_token).split(
+                self.processor.image_token
+            )
             content = [{"type": "text", "text": pieces[0]}]
             for piece in pieces[1:]:
                 content += [{"type": "image"}, {"type": "text", "text": piece}]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -21,6 +22,9 @@ from .collator import MultimodalPackingCollator, PackingStats
 from .data_formats import BadSampleError, ColumnMap, SampleMaker, SkippedSample
 from .data_packing import PackingBuffer
 from .data_sources import column_names, make_reader, open_source
+
+if TYPE_CHECKING:
+    from .data import DataConfig
 
 
 class PackedBatchStream(IterableDataset):
@@ -56,7 +60,9 @@ class PackedBatchStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         config = self.config
-        reader = make_reader(self.source, worker, num_workers, self.rank, config.seed, config.shuffle, config.num_epochs)
+        reader = make_reader(
+            self.source, worker, num_workers, self.rank, config.seed, config.shuffle, config.num_epochs
+        )
         buffer = PackingBuffer(
             self.seq_len,
             config.rows_per_batch,
@@ -79,8 +85,10 @@ class PackedBatchStream(IterableDataset):
                 try:
                     sample = self.make_sample(example, name)
                 except SkippedSample as skip:
-                    raise RuntimeError(f"{name} was buffered when the state was saved but now fails ({skip}): "
-                                       "has the data or the processor changed since?") from skip
+                    raise RuntimeError(
+                        f"{name} was buffered when the state was saved but now fails ({skip}): "
+                        "has the data or the processor changed since?"
+                    ) from skip
             live.replay(sample, position)
         live.resume_state = None
         while True:
@@ -157,7 +165,11 @@ class _WorkerProgress:
         return rows
 
     def report(self, stats: PackingStats | None) -> dict:
-        return {"worker": self.worker, "skipped": dict(self.skipped), "stats": None if stats is None else asdict(stats)}
+        return {
+            "worker": self.worker,
+            "skipped": dict(self.skipped),
+            "stats": None if stats is None else asdict(stats),
+        }
 
     def state(self) -> dict:
         if self.resume_state is not None:

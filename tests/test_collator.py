@@ -229,7 +229,14 @@ def test_possible_samples_over_the_image_budget_together_raise_naming_them():
 
 def test_batch_has_position_ids_and_no_attention_mask():
     batch = MultimodalPackingCollator(16, pad_token_id=PAD)([make_sample(0, 5, [3])])
-    assert set(batch) == {"input_ids", "labels", "position_ids", "pixel_values", "pixel_attention_mask", "spatial_shapes"}
+    assert set(batch) == {
+        "input_ids",
+        "labels",
+        "position_ids",
+        "pixel_values",
+        "pixel_attention_mask",
+        "spatial_shapes",
+    }
 
 
 def test_text_only_batch_has_no_pixel_keys():
@@ -351,10 +358,22 @@ def test_packed_row_logits_equal_each_sample_run_alone(attn_implementation):
     image_processor = Llama3Siglip2ImageProcessor(patch_size=4, merge_size=2, max_patches=64)
     processor = Llama3Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
     config = Llama3Siglip2Config(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           patch_size=4, num_patches=64),
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+            "num_patches": 64,
+        },
         spatial_merge_size=2,
         image_token_id=processor.image_token_id,
         boi_token_id=processor.boi_token_id,

@@ -5,6 +5,8 @@ import json
 import struct
 import tarfile
 import zlib
+from functools import partial
+from itertools import pairwise
 
 import numpy as np
 import pyarrow as pa
@@ -52,7 +54,9 @@ def png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def caption(i: int) -> str:
@@ -64,7 +68,7 @@ def samples_of(batch, tokenizer) -> list[str]:
     texts = []
     for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
         starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
-        for start, end in zip(starts, starts[1:]):
+        for start, end in pairwise(starts):
             if ids[start] != tokenizer.pad_token_id:
                 texts.append(tokenizer.decode(ids[start:end], skip_special_tokens=True))
     return texts
@@ -76,7 +80,10 @@ def read_all(loader, tokenizer) -> list[str]:
 
 def captions_parquet(tmp_path, count: int, name="captions.parquet") -> str:
     data = Dataset.from_dict(
-        {"jpg": [{"bytes": png_bytes(value=i), "path": None} for i in range(count)], "txt": [caption(i) for i in range(count)]},
+        {
+            "jpg": [{"bytes": png_bytes(value=i), "path": None} for i in range(count)],
+            "txt": [caption(i) for i in range(count)],
+        },
         features=Features({"jpg": Image(), "txt": Value("string")}),
     )
     path = str(tmp_path / name)
@@ -85,7 +92,7 @@ def captions_parquet(tmp_path, count: int, name="captions.parquet") -> str:
 
 
 def config(path: str | None = None, **overrides) -> DataConfig:
-    options = dict(rows_per_batch=2, max_images_per_batch=8, num_epochs=1, packing_lookahead=1.0)
+    options = {"rows_per_batch": 2, "max_images_per_batch": 8, "num_epochs": 1, "packing_lookahead": 1.0}
     if path is not None:
         options.update(dataset=path.rsplit(".", 1)[-1], data_files=path)
     return DataConfig(**{**options, **overrides})
@@ -97,7 +104,9 @@ def config(path: str | None = None, **overrides) -> DataConfig:
 def test_caption_pairs_from_parquet_all_arrive_with_the_image_first(processor, tmp_path):
     loader = build_train_dataloader(config(captions_parquet(tmp_path, 12)), processor, SEQ_LEN)
     batches = list(loader)
-    assert sorted(t for b in batches for t in samples_of(b, processor.tokenizer)) == sorted(caption(i) for i in range(12))
+    assert sorted(t for b in batches for t in samples_of(b, processor.tokenizer)) == sorted(
+        caption(i) for i in range(12)
+    )
     first_tokens = batches[0]["input_ids"][0, :2].tolist()
     assert first_tokens == [processor.tokenizer.bos_token_id, processor.boi_token_id]
 
@@ -110,7 +119,9 @@ def test_caption_pairs_from_a_webdataset_tar_stream(processor, tmp_path):
                 info = tarfile.TarInfo(f"sample{i:03d}.{suffix}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    loader = build_train_dataloader(config(dataset="webdataset", data_files=str(path), streaming=True), processor, SEQ_LEN)
+    loader = build_train_dataloader(
+        config(dataset="webdataset", data_files=str(path), streaming=True), processor, SEQ_LEN
+    )
     assert sorted(read_all(loader, processor.tokenizer)) == sorted(caption(i) for i in range(10))
 
 
@@ -126,7 +137,10 @@ def test_caption_pairs_from_an_imagefolder_with_metadata(processor, tmp_path):
 def test_interleaved_documents_keep_texts_and_images_in_order(processor, tmp_path):
     image = {"bytes": png_bytes(), "path": None}
     data = Dataset.from_dict(
-        {"texts": [[None, "first", None, "second"], ["alone", None]], "images": [[image, None, image, None], [None, image]]},
+        {
+            "texts": [[None, "first", None, "second"], ["alone", None]],
+            "images": [[image, None, image, None], [None, image]],
+        },
         features=Features({"texts": List(Value("string")), "images": List(Image())}),
     )
     data.to_parquet(tmp_path / "docs.parquet")
@@ -164,9 +178,11 @@ def targets_of(batch, tokenizer) -> list[str]:
     texts = []
     for ids, labels, positions in zip(*(batch[k].tolist() for k in ("input_ids", "labels", "position_ids"))):
         starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
-        for start, end in zip(starts, starts[1:]):
+        for start, end in pairwise(starts):
             if ids[start] != tokenizer.pad_token_id:
-                texts.append(tokenizer.decode([t for t, l in zip(ids[start:end], labels[start:end]) if l != IGNORE_INDEX]))
+                texts.append(
+                    tokenizer.decode([t for t, l in zip(ids[start:end], labels[start:end]) if l != IGNORE_INDEX])
+                )
     return texts
 
 
@@ -187,7 +203,9 @@ def test_chat_messages_with_image_parts_and_an_images_column(processor, tmp_path
         {"messages": [messages], "images": [[image]]},
         features=Features(
             {
-                "messages": List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}),
+                "messages": List(
+                    {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
+                ),
                 "images": List(Image()),
             }
         ),
@@ -213,7 +231,6 @@ def bad_and_good_examples():
     jpeg, png = jpeg_bytes(), png_bytes(64, 64)
     wide = io.BytesIO()
     PILImage.new("RGB", (10_000, 20)).save(wide, format="PNG")
-    one = lambda text, image: (IMAGE_TOKEN + text, [image])  # noqa: E731
     bad_images = [
         jpeg[: len(jpeg) // 2],  # truncated JPEG
         png[: len(png) // 2],  # truncated PNG
@@ -223,8 +240,8 @@ def bad_and_good_examples():
         png_declaring(40_000, 40_000),
         wide.getvalue(),  # aspect ratio 500
     ]
-    examples = [(*one(caption(i), good_png), None) for i in range(10)]
-    examples += [(*one("bad image", image), "invalid_image") for image in bad_images]
+    examples = [(IMAGE_TOKEN + caption(i), [good_png], None) for i in range(10)]
+    examples += [(IMAGE_TOKEN + "bad image", [image], "invalid_image") for image in bad_images]
     examples.append((IMAGE_TOKEN + "a url", ["https://example.com/cat.jpg"], "invalid_image"))
     examples.append((IMAGE_TOKEN + IMAGE_TOKEN + "two placeholders", [good_png], "placeholder_mismatch"))
     examples.append((IMAGE_TOKEN + " long" * 200, [good_png], "too_long"))
@@ -234,12 +251,19 @@ def bad_and_good_examples():
     return [examples[i] for i in order]
 
 
+def image_value(image: bytes | str) -> dict:
+    """How `datasets` stores an image: encoded bytes, or a path (here a URL) to read them from."""
+    return {"bytes": None, "path": image} if isinstance(image, str) else {"bytes": image, "path": None}
+
+
 def bad_data_parquet(tmp_path) -> tuple[str, list]:
     examples = bad_and_good_examples()
-    as_image = lambda image: {"bytes": None, "path": image} if isinstance(image, str) else {"bytes": image, "path": None}  # noqa: E731
     # Written with pyarrow: `datasets` would try to measure the URL's size over the network.
     table = pa.Table.from_pydict(
-        {"text": [text for text, _, _ in examples], "images": [[as_image(i) for i in images] for _, images, _ in examples]}
+        {
+            "text": [text for text, _, _ in examples],
+            "images": [[image_value(image) for image in images] for _, images, _ in examples],
+        }
     )
     pq.write_table(table, tmp_path / "mixed.parquet")
     return str(tmp_path / "mixed.parquet"), examples
@@ -261,7 +285,9 @@ def test_bad_examples_are_skipped_and_counted_exactly_and_all_good_ones_arrive(p
 def test_strict_mode_raises_on_the_first_bad_example_naming_it(processor, tmp_path):
     path, examples = bad_data_parquet(tmp_path)
     first_bad = next(i for i, (_, _, reason) in enumerate(examples) if reason)
-    loader = build_train_dataloader(config(path, max_images_per_batch=2, shuffle=False, strict=True), processor, SEQ_LEN)
+    loader = build_train_dataloader(
+        config(path, max_images_per_batch=2, shuffle=False, strict=True), processor, SEQ_LEN
+    )
     with pytest.raises(BadSampleError, match=rf"example {first_bad} of rank 0's shard: {examples[first_bad][2]}"):
         list(loader)
 
@@ -271,7 +297,10 @@ def test_strict_mode_raises_on_the_first_bad_example_naming_it(processor, tmp_pa
 
 def test_ranks_read_disjoint_shares_that_cover_the_data(processor, tmp_path):
     path = captions_parquet(tmp_path, 15)
-    shares = [read_all(build_train_dataloader(config(path), processor, SEQ_LEN, rank, 2), processor.tokenizer) for rank in (0, 1)]
+    shares = [
+        read_all(build_train_dataloader(config(path), processor, SEQ_LEN, rank, 2), processor.tokenizer)
+        for rank in (0, 1)
+    ]
     assert not set(shares[0]) & set(shares[1])
     assert sorted(shares[0] + shares[1]) == sorted(caption(i) for i in range(15))
 
@@ -279,14 +308,19 @@ def test_ranks_read_disjoint_shares_that_cover_the_data(processor, tmp_path):
 def test_streamed_ranks_and_workers_each_read_a_disjoint_share(processor, tmp_path):
     path = captions_parquet(tmp_path, 20)
     shares = [
-        read_all(build_train_dataloader(config(path, streaming=True, num_workers=2), processor, SEQ_LEN, rank, 2), processor.tokenizer)
+        read_all(
+            build_train_dataloader(config(path, streaming=True, num_workers=2), processor, SEQ_LEN, rank, 2),
+            processor.tokenizer,
+        )
         for rank in (0, 1)
     ]
     assert sorted(shares[0] + shares[1]) == sorted(caption(i) for i in range(20))
 
 
 def test_batches_keep_to_rows_seq_len_and_image_budget(processor):
-    loader = build_train_dataloader(config(dataset="scenes", scenes_size=120, max_images_per_batch=6), processor, SEQ_LEN)
+    loader = build_train_dataloader(
+        config(dataset="scenes", scenes_size=120, max_images_per_batch=6), processor, SEQ_LEN
+    )
     for batch in loader:
         assert batch["input_ids"].shape[0] <= 2 and batch["input_ids"].shape[1] == SEQ_LEN
         assert batch["pixel_values"].shape[0] <= 6
@@ -328,7 +362,7 @@ def resume_matches_uninterrupted(make_loader, read_before: int, read_after: int)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_gives_the_batches_of_an_uninterrupted_run(processor, num_workers):
     data = DataConfig(scenes_size=400, rows_per_batch=2, max_images_per_batch=8, num_workers=num_workers)
-    state, _ = resume_matches_uninterrupted(lambda: build_train_dataloader(data, processor, SEQ_LEN), 5, 4)
+    state, _ = resume_matches_uninterrupted(partial(build_train_dataloader, data, processor, SEQ_LEN), 5, 4)
     assert any(find_key(state, "buffered")), "the checkpoint should fall while samples wait in a buffer"
 
 
@@ -336,7 +370,7 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(processor, num_workers
 def test_resume_of_a_stream_with_bad_examples_gives_the_same_batches_and_counts(processor, tmp_path, num_workers):
     path, _ = bad_data_parquet(tmp_path)
     data = config(path, streaming=True, num_epochs=None, max_images_per_batch=2, num_workers=num_workers)
-    make = lambda: build_train_dataloader(data, processor, SEQ_LEN)  # noqa: E731
+    make = partial(build_train_dataloader, data, processor, SEQ_LEN)
     _, resumed = resume_matches_uninterrupted(make, 3, 12)
     uninterrupted = make()
     batches = iter(uninterrupted)
@@ -359,7 +393,7 @@ def test_resume_with_other_num_workers_is_refused_with_a_clear_error(processor):
 def test_a_second_resume_soon_after_the_first_still_continues_exactly(processor, num_workers, read_between):
     # A restored worker's state must be right before it has yielded anything, and move on once it has.
     data = DataConfig(scenes_size=400, rows_per_batch=2, max_images_per_batch=8, num_workers=num_workers)
-    make = lambda: build_train_dataloader(data, processor, SEQ_LEN)  # noqa: E731
+    make = partial(build_train_dataloader, data, processor, SEQ_LEN)
     uninterrupted = iter(make())
     expected = [next(uninterrupted) for _ in range(5 + 2 * read_between + 4)][5 + 2 * read_between :]
     loader = make()
@@ -379,7 +413,9 @@ def test_a_second_resume_soon_after_the_first_still_continues_exactly(processor,
 
 def test_skips_of_a_worker_that_never_fills_a_batch_are_counted(processor, tmp_path):
     # Unshuffled, worker 1 reads the odd examples, all bad: its counts can only arrive after its last (no) batch.
-    table = pa.Table.from_pydict({"jpg": [png_bytes(), b"broken", png_bytes(), b""], "txt": [caption(i) for i in range(4)]})
+    table = pa.Table.from_pydict(
+        {"jpg": [png_bytes(), b"broken", png_bytes(), b""], "txt": [caption(i) for i in range(4)]}
+    )
     pq.write_table(table, tmp_path / "tail.parquet")
     data = config(str(tmp_path / "tail.parquet"), shuffle=False, num_workers=2)
     loader = build_train_dataloader(data, processor, SEQ_LEN)
