@@ -35,16 +35,18 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """Sum over M rows of cross_entropy(hidden_MD @ weight_VD.T, targets_M), gradients computed in the same pass.
+class _LinearCrossEntropy(torch.autograd.Function):
+    """scale · Σ_m cross_entropy(hidden_MD @ weight_VD.T, targets_M), gradients computed in the same pass.
 
     Each chunk's logits are made, reduced to the loss and turned into their gradient before the next chunk, so the
-    peak is one (C, V) block. The gradients are kept for `backward`, which only scales them: one matmul pass fewer
-    than recomputing the logits there, for one (V, D) fp32 accumulator held until then.
+    peak is one (C, V) block. The gradients are kept for `backward`, which only multiplies them by the incoming
+    gradient: one matmul pass fewer than recomputing the logits there, for a (V, D) fp32 accumulator held until then.
+    `scale` (1 / targets, or 1 / num_items_in_batch) is applied before the gradient is rounded to the compute dtype,
+    as `cross_entropy`'s backward does, so that both paths round the same numbers.
     """
 
     @staticmethod
-    def forward(ctx, hidden_MD, weight_VD, targets_M, chunk_size, compute_dtype, grad_enabled):
+    def forward(ctx, hidden_MD, weight_VD, targets_M, scale, chunk_size, compute_dtype, grad_enabled):
         need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
         need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         M = hidden_MD.shape[0]
@@ -65,8 +67,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 loss_sum += (max_C1 + sum_exp_C1.log() - target_logit_C1).sum()
                 if not (need_hidden_grad or need_weight_grad):
                     continue
-                # d(lse - logit_t)/d logits = softmax - one_hot(t)
-                grad_logits_CV = exp_CV.div_(sum_exp_C1).scatter_add_(1, targets_C1, exp_CV.new_full(targets_C1.shape, -1.0))
+                # d(scale · (lse - logit_t)) / d logits = scale · (softmax - one_hot(t))
+                grad_logits_CV = exp_CV.mul_(scale / sum_exp_C1)
+                grad_logits_CV.scatter_add_(1, targets_C1, (-scale * torch.ones_like(target_logit_C1)))
                 grad_logits_CV = grad_logits_CV.to(compute_dtype)
                 if need_hidden_grad:
                     grad_hidden_MD[start : start + chunk_size] = grad_logits_CV @ weight_c
@@ -74,7 +77,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     grad_weight_VD += grad_logits_CV.T @ hidden_CD
         ctx.save_for_backward(grad_hidden_MD, grad_weight_VD)
         ctx.weight_dtype = weight_VD.dtype
-        return loss_sum
+        return loss_sum * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -83,7 +86,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = None
         if grad_weight_VD is not None:
             grad_weight = grad_weight_VD.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_causal_lm_loss(
@@ -111,14 +114,15 @@ def chunked_causal_lm_loss(
     hidden_MD = hidden_BSD.reshape(B * S, D).index_select(0, kept_M)
     targets_M = targets_BS.reshape(-1).index_select(0, kept_M)
 
-    loss_sum = _LinearCrossEntropySum.apply(
-        hidden_MD, lm_head_weight_VD, targets_M, chunk_size, _compute_dtype(hidden_BSD), torch.is_grad_enabled()
-    )
     if num_items_in_batch is None:
-        return loss_sum / kept_M.numel()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
-    return loss_sum / num_items_in_batch
+        scale = 1.0 / kept_M.numel() if kept_M.numel() else float("nan")
+    elif torch.is_tensor(num_items_in_batch):
+        scale = 1.0 / num_items_in_batch.to(hidden_BSD.device, torch.float32)
+    else:
+        scale = 1.0 / num_items_in_batch
+    return _LinearCrossEntropy.apply(
+        hidden_MD, lm_head_weight_VD, targets_M, scale, chunk_size, _compute_dtype(hidden_BSD), torch.is_grad_enabled()
+    )
 
 
 # (source grid size, device) -> (G(G+1)/2, source) fp32: row t(t-1)/2 + r holds the weights that resizing a line of
@@ -243,9 +247,9 @@ def use_decoder_attention(model: nn.Module, implementation: str) -> None:
 
 __all__ = [
     "chunked_causal_lm_loss",
-    "grouped_resize_positional_embeddings",
-    "use_grouped_position_embeddings",
     "compile_layers",
-    "use_decoder_attention",
+    "grouped_resize_positional_embeddings",
     "resize_weight_table",
+    "use_decoder_attention",
+    "use_grouped_position_embeddings",
 ]

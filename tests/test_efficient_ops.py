@@ -65,7 +65,7 @@ def test_chunked_loss_matches_transformers_loss_and_gradients(B, S, V, chunk_siz
     expected = loss_and_grads(plain_loss, hidden, weight, labels, num_items_in_batch)
     got = loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, num_items_in_batch, chunk_size=chunk_size)
     for name, want, have in zip(("loss", "grad hidden", "grad weight"), expected, got):
-        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():
@@ -81,7 +81,7 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_path():
     assert got[2].dtype == torch.float32, "the weight's gradient comes back in the weight's own dtype"
     for name, want, have in zip(("loss", "grad hidden", "grad weight"), expected, got):
         relative = (have - want).norm() / want.norm()
-        assert relative < 1e-2, f"{name}: relative error {relative:.2e} is beyond bf16 rounding"
+        assert relative < 5e-3, f"{name}: relative error {relative:.2e} is beyond bf16 rounding"
 
 
 def test_chunked_loss_without_targets_is_nan_as_a_mean_and_zero_as_a_sum():
