@@ -22,11 +22,11 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from processing.data import build_train_pipeline
+from processing.data import build_train_dataloader
 from processing.scenes import scenes_eval_examples
-from train_lib.arguments import parse_arguments
+from train_lib.arguments import data_config, parse_arguments
 from train_lib.checkpoints import load_trainer_state, resolve_resume, save_checkpoint
-from train_lib.evaluation import caption_exact_match
+from train_lib.evaluation import caption_exact_match, final_reload_difference
 from train_lib.model_factory import build_model_and_processor, compile_layers, parameter_counts, select_trainable
 from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_final, write_report
 
@@ -87,8 +87,8 @@ def main(argv=None):
         compile_layers(model)
     total_params, trainable_params = parameter_counts(model)
 
-    pipeline = build_train_pipeline(data_args, processor, rank=accelerator.process_index,
-                                    world_size=accelerator.num_processes, seed=train_args.seed)
+    pipeline = build_train_dataloader(data_config(data_args, train_args.seed), processor, data_args.seq_len,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_args.learning_rate, weight_decay=train_args.weight_decay,
                                   betas=(0.9, train_args.adam_beta2), fused=accelerator.device.type == "cuda")
@@ -98,6 +98,7 @@ def main(argv=None):
         # We feed DeepSpeed our own packed batches, not a prepared DataLoader it could read the size from.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swapped them for sharded DTensors
     # DeepSpeed's own config wins over --gradient_accumulation_steps; use whichever accelerate settled on.
     accumulation = accelerator.gradient_accumulation_steps
 
@@ -213,6 +214,9 @@ def main(argv=None):
         eval_exact_match_blank_images=None,
     )
     final_dir = save_final(accelerator, model, processor, model_args, train_args)
+    if train_args.check_final_reload and not model_args.use_lora:
+        probe = next(data_iter)
+        report["final_reload_max_abs_diff"] = final_reload_difference(accelerator, model, final_dir, probe)
     if eval_examples:
         unwrapped = accelerator.unwrap_model(model)
         report["eval_exact_match"], predictions = caption_exact_match(

@@ -5,14 +5,10 @@ transformers' Auto classes, and marks them for `save_pretrained` to copy their c
 folder loads with `trust_remote_code=True` where this package is not installed.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-)
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+# The real class: transformers < 5.23 exposes a torchvision-gated stand-in at the top level.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from processing import *  # noqa: F403  (the processing classes are part of this package's public API)
 from processing import Llama3Siglip2ImageProcessor, Llama3Siglip2Processor
@@ -30,11 +26,8 @@ AutoConfig.register(Llama3Siglip2Config.model_type, Llama3Siglip2Config, exist_o
 AutoModel.register(Llama3Siglip2Config, Llama3Siglip2Model, exist_ok=True)
 AutoModelForImageTextToText.register(Llama3Siglip2Config, Llama3Siglip2ForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(Llama3Siglip2Config, Llama3Siglip2ForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(Llama3Siglip2Config, Llama3Siglip2ImageProcessor, exist_ok=True)
 AutoProcessor.register(Llama3Siglip2Config, Llama3Siglip2Processor, exist_ok=True)
-try:
-    AutoImageProcessor.register(Llama3Siglip2Config, Llama3Siglip2ImageProcessor, exist_ok=True)
-except ImportError:
-    pass  # transformers < 5.23 gates AutoImageProcessor behind torchvision; the processor classes work without it.
 
 Llama3Siglip2Config.register_for_auto_class()
 Llama3Siglip2Model.register_for_auto_class("AutoModel")

@@ -60,12 +60,14 @@ class DataArguments:
     """What the model learns from, and how batches are packed."""
 
     dataset: str = field(default="scenes", metadata={"help": "'scenes' (embedded), a hub name, or a local path."})
-    data_format: str = field(default="caption", metadata={"help": "caption | interleaved | chat"})
+    data_format: str = field(default="auto", metadata={"help": "caption | interleaved | chat | auto (from columns)"})
     data_files: str | None = field(default=None, metadata={"help": "Files for a builder such as parquet or json."})
     dataset_config: str | None = field(default=None, metadata={"help": "Subset name for load_dataset."})
     split: str = "train"
-    image_column: str = "jpg"
-    text_column: str = "txt"
+    image_column: str | None = field(default=None, metadata={"help": "Caption format: the image column (e.g. jpg)."})
+    text_column: str | None = field(default=None, metadata={"help": "Caption format: the text column (e.g. txt)."})
+    messages_column: str | None = field(default=None, metadata={"help": "Chat format: messages or conversations."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
     streaming: bool = False
     strict: bool = field(default=False, metadata={"help": "Raise on the first bad sample instead of skipping it."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per packed row."})
@@ -73,7 +75,6 @@ class DataArguments:
     max_images: int | None = field(default=None, metadata={"help": "Image budget per micro-batch."})
     num_workers: int = 0
     scenes_size: int = field(default=100_000, metadata={"help": "Length of the scenes train split."})
-    scenes_interleaved_fraction: float = 0.2
     eval_samples: int = field(default=200, metadata={"help": "Held-out scenes for the exact-match evaluation."})
 
 
@@ -103,6 +104,8 @@ class TrainArguments:
     eval_before: bool = True
     eval_max_new_tokens: int = 16
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push final/ to."})
+    check_final_reload: bool = field(default=False, metadata={"help": "Reload final/ and compare its logits with "
+                                                                       "the in-memory model's (report key)."})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decoder and encoder layers."})
 
     def __post_init__(self):
@@ -129,3 +132,27 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, Data
         parser.set_defaults(**values)
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, train_args
+
+
+def data_config(data_args: DataArguments, seed: int):
+    """The data pipeline's own config (`processing.data.DataConfig`) from the script's data section."""
+    from processing.data import DataConfig
+
+    return DataConfig(
+        dataset=data_args.dataset,
+        data_files=data_args.data_files,
+        dataset_config=data_args.dataset_config,
+        split=data_args.split,
+        streaming=data_args.streaming,
+        format=data_args.data_format,
+        image_column=data_args.image_column,
+        text_column=data_args.text_column,
+        messages_column=data_args.messages_column,
+        image_root=data_args.image_root,
+        scenes_size=data_args.scenes_size,
+        seed=seed,
+        rows_per_batch=data_args.rows_per_batch,
+        max_images_per_batch=data_args.max_images,
+        num_workers=data_args.num_workers,
+        strict=data_args.strict,
+    )

@@ -6,6 +6,8 @@ replaced by a flat grey one of the same size: a model that reads the image drops
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from PIL import Image
 
@@ -39,3 +41,41 @@ def caption_exact_match(model, processor, examples, batch_size: int = 32, max_ne
         model.train(was_training)
     hits = sum(prediction == caption for prediction, (_, caption) in zip(predictions, examples))
     return hits / max(len(examples), 1), predictions
+
+
+def final_reload_difference(accelerator, model, final_dir: str, batch) -> float | None:
+    """Max |logits| difference between the in-memory model and `final/` reloaded by the Auto classes, on `batch`.
+
+    Every process runs the in-memory forward (sharded models need all of them); the main process reloads
+    `final/` on its device and runs it the same way (autocast in the run's mixed precision). None elsewhere.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    batch = batch.to(accelerator.device)
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        in_memory = model(**batch).logits.float()
+    model.train()
+    if not accelerator.is_main_process:
+        return None
+    with plain_loading(accelerator):
+        reloaded = AutoModelForImageTextToText.from_pretrained(final_dir).to(accelerator.device).eval()
+    with torch.no_grad(), accelerator.autocast():
+        from_disk = reloaded(**batch).logits.float()
+    return float((in_memory - from_disk).abs().max())
+
+
+@contextmanager
+def plain_loading(accelerator):
+    """Load a whole, unsharded model even inside a ZeRO-3 run, where transformers would partition it on load."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
