@@ -1,0 +1,126 @@
+"""Samples per second through the training data loader with 0, 1 and 2 workers, on scenes and on photos.
+
+Each run reads a fixed set of examples once (decode, resize, patchify, tokenize, pack, collate) and reports
+samples/s over the whole run, from building the loader to its last batch, and the time to the first batch (worker
+start-up and the first fill of the packing buffer). Each figure is the best of `--repeats` runs, because a shared
+2-core machine is rarely quiet for a whole run.
+
+- scenes: the embedded set with the default run's processor (patch 8, merge 2, 16-128 patches), seq_len 512,
+  2 rows per batch;
+- photos: the photos shipped with scikit-image (`skimage.data`: astronaut, coffee, chelsea, rocket, the grayscale
+  camera, the RGBA logo, retina, ...) as encoded files in a parquet caption data set, with a SigLIP2-base-like
+  processor (patch 16, merge 2, up to 256 patches as siglip2-base-patch16-naflex), seq_len 2048, 8 rows per batch.
+
+    python benchmarks/bench_loader.py [--scenes 2000] [--photos 1000] [--workers 0 1 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import skimage.data
+
+from processing import Llama3Siglip2ImageProcessor, Llama3Siglip2Processor, build_byte_level_bpe_tokenizer
+from processing.data import DataConfig, build_train_dataloader
+from processing.scenes import COLOUR_NAMES, scene_caption
+
+PHOTOS = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "camera.png",
+    "logo.png",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "coins.png",
+)
+
+
+def make_processor(patch_size: int, max_patches: int, min_patches: int = 1) -> Llama3Siglip2Processor:
+    corpus = [scene_caption(a, b) for a in COLOUR_NAMES for b in COLOUR_NAMES] + ["a photo of " + p for p in PHOTOS]
+    tokenizer = build_byte_level_bpe_tokenizer(corpus, vocab_size=400)
+    image_processor = Llama3Siglip2ImageProcessor(
+        patch_size=patch_size, merge_size=2, min_patches=min_patches, max_patches=max_patches
+    )
+    return Llama3Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def photos_parquet(folder: str, count: int) -> str:
+    photo_dir = os.path.dirname(skimage.data.__file__)
+    encoded = []
+    for name in PHOTOS:
+        with open(os.path.join(photo_dir, name), "rb") as file:
+            encoded.append(file.read())
+    table = pa.Table.from_pydict(
+        {
+            "jpg": [encoded[i % len(PHOTOS)] for i in range(count)],
+            "txt": [f"a photo of {PHOTOS[i % len(PHOTOS)]}, number {i}" for i in range(count)],
+        }
+    )
+    path = os.path.join(folder, "photos.parquet")
+    pq.write_table(table, path)
+    return path
+
+
+def measure(config: DataConfig, processor, seq_len: int) -> tuple[float, float, int]:
+    """(seconds to the first batch, samples/s over the run, samples read)."""
+    start = time.perf_counter()
+    loader = build_train_dataloader(config, processor, seq_len)
+    batches = iter(loader)
+    next(batches)
+    first_batch_after = time.perf_counter() - start
+    for _ in batches:
+        pass
+    return first_batch_after, loader.samples_seen / (time.perf_counter() - start), loader.samples_seen
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenes", type=int, default=2000)
+    parser.add_argument("--photos", type=int, default=1000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as folder:
+        cases = [
+            (
+                "scenes",
+                DataConfig(dataset="scenes", scenes_size=args.scenes, rows_per_batch=2, num_epochs=1),
+                make_processor(8, 128, min_patches=16),
+                512,
+            ),
+            (
+                "skimage.data photos",
+                DataConfig(
+                    dataset="parquet",
+                    data_files=photos_parquet(folder, args.photos),
+                    rows_per_batch=8,
+                    num_epochs=1,
+                    cache_dir=os.path.join(folder, "cache"),
+                ),
+                make_processor(16, 256),
+                2048,
+            ),
+        ]
+        print(f"{os.cpu_count()} CPU cores\n")
+        print("| data | workers | samples | first batch after | samples/s |")
+        print("|---|---:|---:|---:|---:|")
+        for name, config, processor, seq_len in cases:
+            for workers in args.workers:
+                config.num_workers = workers
+                first, rate, samples = max(
+                    (measure(config, processor, seq_len) for _ in range(args.repeats)), key=lambda run: run[1]
+                )
+                print(f"| {name} | {workers} | {samples} | {first:.2f} s | {rate:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
