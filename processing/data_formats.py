@@ -73,10 +73,7 @@ class ColumnMap:
         messages = pick(self.messages, ("messages", "conversations"))
         images, texts = pick(self.images, ("images",)), pick(self.texts, ("texts",))
         image, text = pick(self.image, IMAGE_COLUMNS), pick(self.text, CAPTION_COLUMNS)
-        fmt = self.format
-        if fmt == "auto":
-            fmt = "chat" if messages else "interleaved" if texts and images else "text" if images and text else None
-            fmt = fmt or ("caption" if image and text else None)
+        fmt = _detect_format(messages, images, texts, image, text) if self.format == "auto" else self.format
         if fmt not in FORMATS:
             raise ValueError(
                 f"cannot tell the sample format from the columns {sorted(names)}; set format to one of {FORMATS} "
@@ -95,10 +92,22 @@ class ColumnMap:
         return ColumnMap(fmt, image, text, images, texts, messages, self.columns)
 
 
+def _detect_format(messages, images, texts, image, text) -> str | None:
+    if messages:
+        return "chat"
+    if images and texts:
+        return "interleaved"
+    if images and text:
+        return "text"
+    if image and text:
+        return "caption"
+    return None
+
+
 class SampleMaker:
     """`maker(example, name) -> PackedSample`, or `SkippedSample` with its reason.
 
-    `name` says which example it is in error messages (e.g. "train example 1834 (rank 3)").
+    `name` says which example it is in error messages (e.g. "example 1834 of rank 3's shard").
     """
 
     def __init__(
@@ -120,7 +129,8 @@ class SampleMaker:
         if fmt == "chat":
             messages, raw_images = self._chat(example)
         else:
-            text, raw_images = getattr(self, f"_{fmt}")(example)
+            to_text = {"caption": self._caption, "interleaved": self._interleaved, "text": self._text}[fmt]
+            text, raw_images = to_text(example)
             self._check_text(text, len(raw_images))
         if self.max_images is not None and len(raw_images) > self.max_images:
             raise SkippedSample(
