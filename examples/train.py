@@ -53,6 +53,8 @@ def make_accelerator(train_args) -> Accelerator:
         cpu=on_cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        # One scheduler step per optimizer step: our steps already count the global batch of all processes.
+        step_scheduler_with_optimizer=False,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=train_args.output_dir,
                                             logging_dir=os.path.join(train_args.output_dir, "logs")),
@@ -208,6 +210,7 @@ def main(argv=None):
         tokens_per_second=(state["tokens_seen"] / wall) if state["step"] > step_start else 0.0,
         train_loss_first=next((x for x in state["losses"] if math.isfinite(x)), None),
         train_loss_last=next((x for x in reversed(state["losses"]) if math.isfinite(x)), None),
+        loss_curve=state["losses"],
         skipped_steps=state["skipped_steps"],
         skipped=dict(skipped),
         eval_exact_match=None,

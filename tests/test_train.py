@@ -1,0 +1,227 @@
+"""examples/train.py on CPU: it learns, resumes bit-exactly after SIGKILL, skips NaN steps, trains LoRA, and runs
+data-parallel over 2 CPU processes with the same loss curve as 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from train_lib.checkpoints import PARTIAL_PREFIX, complete_checkpoints, resolve_resume  # noqa: E402
+
+# A smaller model and shorter rows than the default run, so each test trains in seconds.
+TINY = [
+    "--text_hidden_size", "64", "--text_intermediate_size", "128", "--text_heads", "2", "--text_kv_heads", "1",
+    "--vision_hidden_size", "32", "--vision_intermediate_size", "64", "--vision_heads", "2",
+    "--seq_len", "256", "--rows_per_batch", "1", "--eval_samples", "4", "--eval_before", "false",
+    "--report_to", "none", "--warmup_steps", "5",
+]
+REPORT_KEYS = {"steps", "samples_seen", "tokens_seen", "wall_seconds", "tokens_per_second", "train_loss_first",
+               "train_loss_last", "skipped", "eval_exact_match", "eval_exact_match_blank_images"}
+
+
+def run_in_process(*args):
+    """Call train.main in this process, with accelerate's process-wide state reset before and after."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return train.main([*TINY, *map(str, args)])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def train_command(*args, launcher=(sys.executable,)):
+    return [*launcher, str(EXAMPLES / "train.py"), *TINY, *map(str, args)]
+
+
+def child_env():
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{EXAMPLES}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(output_dir) / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("short-run")
+    report = run_in_process("--output_dir", output_dir, "--max_steps", 30, "--learning_rate", 3e-3)
+    return output_dir, report
+
+
+def test_a_30_step_run_lowers_the_loss(short_run):
+    _, report = short_run
+    assert report["steps"] == 30
+    assert report["train_loss_last"] < 0.6 * report["train_loss_first"]
+
+
+def test_report_json_has_the_documented_keys(short_run):
+    output_dir, _ = short_run
+    report = json.loads((output_dir / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["tokens_seen"] > 0 and report["samples_seen"] > 0 and report["skipped"] == {}
+
+
+def test_final_folder_reloads_with_auto_classes_and_the_same_logits(short_run):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from processing.scenes import scenes_eval_examples
+
+    output_dir, _ = short_run
+    final = output_dir / "final"
+    model = AutoModelForImageTextToText.from_pretrained(final).eval()
+    processor = AutoProcessor.from_pretrained(final)
+    images, caption = scenes_eval_examples(1, seed=0)[0]
+    inputs = processor(text=processor.image_token + caption, images=images, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+    assert not any(f.endswith(".bin") for f in os.listdir(final))
+
+
+def test_injected_nan_steps_are_skipped_and_counted(tmp_path):
+    report = run_in_process("--output_dir", tmp_path, "--max_steps", 8, "--inject_nan_steps", "3,4")
+    assert report["steps"] == 8
+    assert report["skipped_steps"] == 2
+
+
+def test_too_many_consecutive_bad_steps_stop_the_run(tmp_path):
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        run_in_process("--output_dir", tmp_path, "--max_steps", 8, "--inject_nan_steps", "3,4", "--max_bad_steps", 2)
+
+
+def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
+    common = ["--max_steps", 40, "--checkpoint_every", 20, "--keep_checkpoints", 5]
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(train_command("--output_dir", reference, *common), env=child_env(), check=True,
+                   capture_output=True, timeout=600)
+
+    resumed = tmp_path / "killed"
+    victim = subprocess.Popen(train_command("--output_dir", resumed, *common), env=child_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (resumed / "checkpoints" / "step-20").exists():
+        assert victim.poll() is None, "the run ended before its step-20 checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (resumed / "final").exists()
+
+    subprocess.run(train_command("--output_dir", resumed, *common, "--resume_from_checkpoint", "latest"),
+                   env=child_env(), check=True, capture_output=True, timeout=600)
+    expected, actual = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    process = subprocess.Popen(train_command("--output_dir", tmp_path, "--max_steps", 100000), env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    # Wait for training to start (the progress bar), then ask it to stop.
+    output = ""
+    while "it/s" not in output and "s/it" not in output:
+        output += process.stdout.read(64)
+        assert time.time() < deadline and process.poll() is None, output[-2000:]
+    process.send_signal(signal.SIGTERM)
+    output += process.stdout.read()
+    assert process.wait(timeout=120) == 0, output[-2000:]
+    checkpoints = complete_checkpoints(str(tmp_path))
+    assert len(checkpoints) == 1, output[-2000:]
+
+
+def test_resume_ignores_a_partial_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-10").mkdir(parents=True)
+    (root / "step-10" / "trainer_state.json").write_text("{}")
+    (root / f"{PARTIAL_PREFIX}step-20").mkdir()  # killed while writing
+    (root / "step-30").mkdir()  # no trainer state: never completed
+    assert resolve_resume("latest", str(tmp_path)) == str(root / "step-10")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_resume(str(root / "step-30"), str(tmp_path))
+
+
+def test_lora_run_saves_an_adapter_that_peft_loads(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base_run = tmp_path / "base"
+    run_in_process("--output_dir", base_run, "--max_steps", 2)
+    lora_run = tmp_path / "lora"
+    run_in_process("--output_dir", lora_run, "--max_steps", 10, "--model_name_or_path", base_run / "final",
+                   "--use_lora", "true", "--lora_r", 4, "--learning_rate", 1e-2, "--save_merged_lora", "true")
+    final = lora_run / "final"
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+
+    base = AutoModelForImageTextToText.from_pretrained(base_run / "final").eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_run / "final"), final).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(final / "merged").eval()
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        base_logits, adapter_logits = base(input_ids=ids).logits, with_adapter(input_ids=ids).logits
+        merged_logits = merged(input_ids=ids).logits
+    assert not torch.allclose(base_logits, adapter_logits)  # the adapter learned something
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_with_another_num_workers_is_refused_clearly(tmp_path):
+    run_in_process("--output_dir", tmp_path, "--max_steps", 2, "--checkpoint_every", 2)
+    with pytest.raises(ValueError, match="num_workers 0 -> 1"):
+        run_in_process("--output_dir", tmp_path, "--max_steps", 4, "--resume_from_checkpoint", "latest",
+                       "--num_workers", 1)
+
+
+class BothShardsInOneProcess:
+    """Rank 0's and rank 1's batches of a 2-process run, alternately: one process, two micro-batches per step,
+    sees exactly what the two processes see together."""
+
+    def __init__(self, config, processor, seq_len, rank, world_size):
+        from processing.data import build_train_dataloader
+
+        assert (rank, world_size) == (0, 1)
+        self.shards = [build_train_dataloader(config, processor, seq_len, rank=r, world_size=2) for r in range(2)]
+        self.skipped = {}
+
+    def __iter__(self):
+        iterators = [iter(shard) for shard in self.shards]
+        while True:
+            for iterator in iterators:
+                yield next(iterator)
+
+
+def test_two_cpu_processes_give_the_loss_curve_of_one_with_the_same_global_batch(tmp_path, monkeypatch):
+    import train
+
+    steps = ["--max_steps", 6, "--learning_rate", 3e-3]
+    two = tmp_path / "two"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    result = subprocess.run(train_command("--output_dir", two, *steps, launcher=torchrun), env=child_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    two_report = json.loads((two / "report.json").read_text())
+    assert "MULTI_CPU on 2 process" in result.stdout  # really synchronised, not two lone copies
+
+    monkeypatch.setattr(train, "build_train_dataloader", BothShardsInOneProcess)
+    one_report = run_in_process("--output_dir", tmp_path / "one", *steps, "--gradient_accumulation_steps", 2)
+    assert one_report["tokens_seen"] == two_report["tokens_seen"]
+    torch.testing.assert_close(torch.tensor(one_report["loss_curve"]), torch.tensor(two_report["loss_curve"]),
+                               atol=1e-4, rtol=1e-4)
