@@ -26,6 +26,7 @@ Shape letters: B rows, S tokens per row, N images, L patches per (padded) image,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import itertools
@@ -85,8 +86,8 @@ class Variant:
 
 
 def all_variants() -> list[Variant]:
-    """Run order = table order, most telling first (a time budget may cut the tail): the cumulative ladder, merge 2,
-    the memory option and the long rows, then single optimisations on packed for attribution."""
+    """Run order = table order, most telling first (a time budget may cut the tail): the cumulative ladder, the long
+    rows, merge 2, the memory option, then single optimisations on packed for attribution."""
     full = dict(chunked_loss=True, grouped_pos=True, flex=True, compiled=True)
     return [
         Variant("baseline", packed=False),
@@ -95,11 +96,11 @@ def all_variants() -> list[Variant]:
         Variant("packed+loss+pos", chunked_loss=True, grouped_pos=True),
         Variant("packed+loss+pos+flex", chunked_loss=True, grouped_pos=True, flex=True),
         Variant("all", **full),  # the line above, compiled
+        Variant("all@long", **full, long=True),
         Variant("m2 baseline", merge=2, packed=False),
         Variant("m2 packed", merge=2),
         Variant("m2 all", merge=2, **full),
         Variant("all+ckpt", **full, checkpointing=True),
-        Variant("all@long", **full, long=True),
         Variant("packed+pos", grouped_pos=True),
         Variant("packed+flex", flex=True),
         Variant("packed+compile", compiled=True),
@@ -221,6 +222,7 @@ class Result:
     mfu: float = 0.0
     mfu_6n: float = 0.0
     peak_gib: float = 0.0
+    leftover_gib: float = 0.0  # allocated before the variant built its model: what earlier variants left behind
     model_tflop_per_step: float = 0.0
     padding_fraction: float = 0.0
     warmup_s: float = 0.0
@@ -231,15 +233,26 @@ class Result:
     error: str | None = None
 
 
+def free_device_memory(device: torch.device) -> float:
+    """Free what earlier variants left and restart the peak count; returns the GiB still allocated (should be ~0)."""
+    gc.collect()
+    if device.type != "cuda":
+        return 0.0
+    if torch.cuda.memory_allocated() > 2**30:
+        # Compiled layers' caches might keep an old model alive; dropping them costs recompiles, not correctness.
+        torch._dynamo.reset()
+        gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
 def run_variant(variant: Variant, args, samples: dict, ceiling: float, device: torch.device) -> Result:
     workload = args.workload
     seq_len = workload.long_seq_len if variant.long else workload.seq_len
     rows = 1 if variant.long else workload.rows
     result = Result(asdict(variant), seq_len=seq_len if variant.packed else 0, rows=rows if variant.packed else 0)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    result.leftover_gib = free_device_memory(device)
     model = build_model(args.text, args.vision, variant.merge, device)
     result.note = prepare(model, variant, args.compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
@@ -348,41 +361,46 @@ def parity_checks(args, samples: dict, device: torch.device) -> dict:
     return checks
 
 
-def print_table(results: list[Result]) -> None:
+def table_lines(results: list[Result]) -> list[str]:
+    """One line per variant; "x base" is real tokens/s over the same merge's padded baseline."""
     baseline = {r.variant["merge"]: r.real_tokens_per_s for r in results if not r.variant["packed"] and not r.error}
-    head = f"{'variant':24} {'k':>1} {'rows':>7} {'step ms':>8} {'tok/s':>8} {'real/s':>8} {'x base':>6} " \
-           f"{'img/s':>7} {'MFU':>6} {'MFU 6N':>6} {'peak GiB':>8} {'pad':>4} {'loader':>6}"
-    print(head + "\n" + "-" * len(head))
+    head = (f"{'variant':22} {'k':>1} {'rows':>7} {'step ms':>8} {'tok/s':>7} {'real/s':>7} {'x base':>6} "
+            f"{'img/s':>6} {'MFU':>6} {'MFU 6N':>6} {'peak GiB':>8} {'pad':>4} {'loader':>6}")
+    lines = [head, "-" * len(head)]
     for r in results:
         v = r.variant
         shape = f"{r.rows}x{r.seq_len}" if v["packed"] else "padded"
         if r.error:
-            print(f"{v['name']:24} {v['merge']:>1} {shape:>7}  {r.error[:90]}")
+            lines.append(f"{v['name']:22} {v['merge']:>1} {shape:>7}  {r.error[:90]}")
             continue
         ratio = r.real_tokens_per_s / baseline[v["merge"]] if v["merge"] in baseline else float("nan")
-        print(f"{v['name']:24} {v['merge']:>1} {shape:>7} {r.step_ms:8.1f} {r.tokens_per_s:8.0f} "
-              f"{r.real_tokens_per_s:8.0f} {ratio:6.2f} {r.images_per_s:7.1f} {100 * r.mfu:5.1f}% "
-              f"{100 * r.mfu_6n:5.1f}% {r.peak_gib:8.1f} {100 * r.padding_fraction:3.0f}% {r.loader_headroom:5.0f}x"
-              + (" *" if r.note else ""))
-    for note in sorted({r.note for r in results if r.note}):
-        print(f"* {note}")
+        lines.append(
+            f"{v['name']:22} {v['merge']:>1} {shape:>7} {r.step_ms:8.1f} {r.tokens_per_s:7.0f} "
+            f"{r.real_tokens_per_s:7.0f} {ratio:6.2f} {r.images_per_s:6.0f} {100 * r.mfu:5.1f}% "
+            f"{100 * r.mfu_6n:5.1f}% {r.peak_gib:8.1f} {100 * r.padding_fraction:3.0f}% {r.loader_headroom:5.0f}x"
+            + (" *" if r.note else ""))
+    lines += [f"* {note}" for note in sorted({r.note for r in results if r.note})]
+    return lines
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny dims on the CPU: the same code path, in seconds")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (3; tiny: 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (10; tiny: 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (10; tiny: 1)")
     parser.add_argument("--variants", default="all", help="comma-separated names (see all_variants), or 'all'")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; tiny: aot_eager)")
     parser.add_argument("--time-budget", type=float, default=450, help="seconds; variants that would end past it are skipped")
+    parser.add_argument("--rows", type=int, default=None, help="packed rows per step (2; long rows: 1)")
     parser.add_argument("--skip-checks", action="store_true", help="skip the parity checks before the timings")
     parser.add_argument("--out", default=None, help="JSON path (default $OUT/bench_train.json when OUT is set)")
     args = parser.parse_args(argv)
     args.text, args.vision = (TEXT_TINY, VISION_TINY) if args.tiny else (TEXT_1B, VISION_BASE)
     args.workload = TINY_WORKLOAD if args.tiny else Workload()
+    if args.rows is not None:
+        args.workload = dataclasses.replace(args.workload, rows=args.rows)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    args.steps = args.steps if args.steps is not None else (2 if args.tiny else 10)
+    args.steps = args.steps if args.steps is not None else (1 if args.tiny else 10)
     args.compile_backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
     if args.out is None and os.environ.get("OUT"):
         args.out = os.path.join(os.environ["OUT"], "bench_train.json")
@@ -399,7 +417,8 @@ def main(argv=None) -> list[Result]:
     torch._dynamo.config.accumulated_cache_size_limit = 1024
     torch._dynamo.config.automatic_dynamic_shapes = False
     chosen = all_variants() if args.variants == "all" else [v for v in all_variants() if v.name in args.variants.split(",")]
-    env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 (Python 3.10 has no datetime.UTC)
+    env = {"date": now.isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "command": " ".join([sys.executable, *sys.argv]),
            "workload": asdict(args.workload), "warmup": args.warmup, "steps": args.steps}
@@ -411,7 +430,11 @@ def main(argv=None) -> list[Result]:
                for merge, config in configs.items()}
     ceiling = bf16_matmul_rate(device, 1024 if args.tiny else 8192)
     print(f"bf16 matmul ceiling: {ceiling / 1e12:.3g} TFLOP/s", flush=True)
-    checks = {} if args.skip_checks else parity_checks(args, samples, device)
+    try:
+        checks = {} if args.skip_checks else parity_checks(args, samples, device)
+    except Exception as error:  # noqa: BLE001  (the timings still run; the failure is reported with them)
+        traceback.print_exc(limit=3)
+        checks = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
     print(f"[{time.perf_counter() - started:6.0f} s] parity checks (relative errors): {json.dumps(checks)}", flush=True)
 
     results = []
@@ -432,9 +455,15 @@ def main(argv=None) -> list[Result]:
             with open(args.out, "w") as f:
                 json.dump({"env": env, "ceiling_flops": ceiling, "checks": checks,
                            "results": [asdict(r) for r in results]}, f, indent=1)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s on {env['device']}, torch {env['torch']}, "
-          f"transformers {env['transformers']}, ceiling {ceiling / 1e12:.3g} TFLOP/s; MFU counts model FLOPs only")
-    print_table(results)
+    summary = (f"{env['date']}: {time.perf_counter() - started:.0f} s on {env['device']}, torch {env['torch']}, "
+               f"transformers {env['transformers']}, bf16 matmul ceiling {ceiling / 1e12:.3g} TFLOP/s measured; "
+               f"MFU counts model FLOPs (see the docstring); loader = collation rate / step rate")
+    lines = table_lines(results)
+    if args.out:
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(f"`{env['command']}`\n\n{summary}\n\n```\n" + "\n".join(lines) + "\n```\n")
+    print("\n" + summary)
+    print("\n".join(lines))
     return results
 
 

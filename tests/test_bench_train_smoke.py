@@ -15,7 +15,7 @@ def test_tiny_benchmark_runs_and_its_packed_variants_start_from_the_same_loss(tm
     variants = "baseline,packed,packed+loss+pos,all+ckpt"
     command = [sys.executable, "benchmarks/bench_train.py", "--tiny", "--steps", "1", "--skip-checks",
                "--variants", variants, "--out", str(out)]
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.rstrip().splitlines()[-1].startswith("*"), "the table (and its notes) print last"
 
