@@ -104,6 +104,7 @@ def all_variants() -> list[Variant]:
         Variant("packed+pos", grouped_pos=True),
         Variant("packed+flex", flex=True),
         Variant("packed+compile", compiled=True),
+        Variant("packed+loss+pos+compile", chunked_loss=True, grouped_pos=True, compiled=True),
     ]
 
 
@@ -201,8 +202,8 @@ def prepare(model, variant: Variant, compile_backend: str) -> str | None:
         note = "flex attention has no backward on the CPU: sdpa here"
     elif variant.flex:
         use_decoder_attention(model, "flex_attention")
-    if variant.grouped_pos:
-        use_grouped_position_embeddings(model.model.vision_tower)
+    # The model installs the grouped resize by default; variants without it measure transformers' own loop.
+    use_grouped_position_embeddings(model.model.vision_tower, enabled=variant.grouped_pos)
     if variant.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if variant.compiled:

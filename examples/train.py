@@ -27,7 +27,8 @@ from processing.scenes import scenes_eval_examples
 from train_lib.arguments import data_config, parse_arguments
 from train_lib.checkpoints import load_trainer_state, resolve_resume, save_checkpoint
 from train_lib.evaluation import caption_exact_match, final_reload_difference
-from train_lib.model_factory import build_model_and_processor, compile_layers, parameter_counts, select_trainable
+from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention
+from train_lib.model_factory import build_model_and_processor, parameter_counts, select_trainable
 from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_final, write_report
 
 
@@ -61,6 +62,19 @@ def make_accelerator(train_args) -> Accelerator:
     )
 
 
+def use_fast_path(model, train_args, on_gpu: bool) -> None:
+    """The fastest correct path measured in benchmarks/BENCHMARKS.md, by default on GPU: the chunked loss (no fp32
+    logits), flex attention for the packed decoder rows (no dense 4-D mask), and compiled layers. Each computes the
+    same function as the plain path (tests/test_efficient_ops.py); flex has no CPU backward, so CPU keeps sdpa."""
+    chunk = train_args.loss_chunk_size if train_args.loss_chunk_size is not None else (2048 if on_gpu else 0)
+    model.config.loss_chunk_size = chunk
+    decoder_attention = train_args.decoder_attention or ("flex_attention" if on_gpu else None)
+    if decoder_attention:
+        use_decoder_attention(model, decoder_attention)
+    if train_args.compile if train_args.compile is not None else on_gpu:
+        compile_layers(model)
+
+
 def batch_counts(micro_batches, processor) -> torch.Tensor:
     """[real (non-pad) tokens, samples] in these packed micro-batches; a sample starts where its position is 0."""
     pad = processor.pad_token_id
@@ -82,11 +96,10 @@ def main(argv=None):
     torch.manual_seed(train_args.seed)
 
     model, processor = build_model_and_processor(model_args)
+    use_fast_path(model, train_args, on_gpu=accelerator.device.type == "cuda")
     if model_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = select_trainable(model, model_args)
-    if train_args.compile:
-        compile_layers(model)
     total_params, trainable_params = parameter_counts(model)
 
     pipeline = build_train_dataloader(data_config(data_args, train_args.seed), processor, data_args.seq_len,

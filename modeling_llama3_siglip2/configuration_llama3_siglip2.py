@@ -22,6 +22,9 @@ class Llama3Siglip2Config(PretrainedConfig):
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`): activation between the projector's linears.
         image_token_id, boi_token_id, eoi_token_id (`int`): the image placeholder and the tokens around each image.
         ignore_index (`int`, *optional*, defaults to -100): label value that the loss skips.
+        loss_chunk_size (`int`, *optional*, defaults to 0): above 0, a training forward with labels computes the
+            loss over this many target tokens at a time, never holding the (tokens × vocabulary) fp32 logits, and
+            returns no logits (see `efficient_ops.chunked_causal_lm_loss`). 0 keeps transformers' plain loss.
         tie_word_embeddings (`bool`, *optional*): share `lm_head` with the input embeddings. Defaults to the text
             config's own setting (Llama 3.2 1B/3B tie, 8B does not).
     """
@@ -40,6 +43,7 @@ class Llama3Siglip2Config(PretrainedConfig):
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
     ignore_index: int = -100
+    loss_chunk_size: int = 0
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
@@ -80,6 +84,8 @@ class Llama3Siglip2Config(PretrainedConfig):
                 raise ValueError(f"{name}={token_id!r} is outside the text vocabulary [0, {vocab_size})")
         if len(set(ids.values())) != len(ids):
             raise ValueError(f"image_token_id, boi_token_id and eoi_token_id must differ, got {ids}")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size must be an integer >= 0, got {self.loss_chunk_size!r}")
         if self.ignore_index >= 0:
             raise ValueError(f"ignore_index must be negative so it never collides with a token id, got {self.ignore_index}")
 

@@ -24,6 +24,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from .configuration_llama3_siglip2 import Llama3Siglip2Config
+from .efficient_ops import chunked_causal_lm_loss, use_grouped_position_embeddings
 
 
 @dataclass
@@ -143,6 +144,9 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
     def __init__(self, config: Llama3Siglip2Config):
         super().__init__(config)
         self.vision_tower = Siglip2VisionModel(config.vision_config)
+        # The same resize of SigLIP2's position grid as transformers', for all images in one matmul with no
+        # per-image host sync (and right for images one patch wide, which the CPU interpolation gets wrong).
+        use_grouped_position_embeddings(self.vision_tower)
         self.multi_modal_projector = Llama3Siglip2MultiModalProjector(config)
         self.language_model = LlamaModel(config.text_config)
         self.post_init()
@@ -343,6 +347,17 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
             **kwargs,
         )
         hidden_BSD = outputs.last_hidden_state
+        if labels is not None and self.training and self.config.loss_chunk_size:
+            # Training needs only the loss: skip the (B, S, V) logits, in fp32 the largest tensor of the step.
+            loss = chunked_causal_lm_loss(hidden_BSD, self.lm_head.weight, labels, num_items_in_batch,
+                                          ignore_index=self.config.ignore_index, chunk_size=self.config.loss_chunk_size)
+            return Llama3Siglip2CausalLMOutputWithPast(
+                loss=loss,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                image_hidden_states=outputs.image_hidden_states,
+            )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_BSD[:, keep, :])
 

@@ -284,3 +284,30 @@ def test_model_without_builder_has_consistent_defaults():
     assert model.model.multi_modal_projector.linear_1.in_features == 16
     assert not hasattr(model.model.vision_tower, "head")  # the pooling head is never used by the VLM
     assert {config.image_token_id, config.boi_token_id, config.eoi_token_id} == {497, 498, 499}
+
+
+def test_chunked_loss_setting_gives_the_plain_loss_and_gradients(built):
+    model, _ = built
+    pv, mask, shapes = naflex_batch([(4, 4)], 64, 4, seed=50)
+    ids = torch.tensor([sequence_with_images(model.config, [text_ids(9, 51), text_ids(7, 52)], [16])])
+    labels = ids.masked_fill(ids == model.config.image_token_id, -100)
+
+    def loss_and_grads(chunk):
+        model.config.loss_chunk_size = chunk
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=shapes)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    try:
+        plain, plain_grads = loss_and_grads(0)
+        chunked, chunked_grads = loss_and_grads(5)  # 5 does not divide the target count
+    finally:
+        model.config.loss_chunk_size = 0
+        model.zero_grad()
+        model.eval()
+    assert chunked.logits is None and plain.logits is not None  # the point: no (B, S, V) logits
+    torch.testing.assert_close(chunked.loss, plain.loss, atol=1e-6, rtol=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(chunked_grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)

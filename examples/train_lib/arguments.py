@@ -106,7 +106,14 @@ class TrainArguments:
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push final/ to."})
     check_final_reload: bool = field(default=False, metadata={"help": "Reload final/ and compare its logits with "
                                                                        "the in-memory model's (report key)."})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the decoder and encoder layers."})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the decoder and encoder layers "
+                                                                  "(default: on GPU, off on CPU)."})
+    loss_chunk_size: int | None = field(default=None, metadata={"help": "Chunked linear+cross-entropy over this many "
+                                                                        "tokens, no fp32 logits (default: 2048 on GPU, "
+                                                                        "0 = plain loss on CPU)."})
+    decoder_attention: str | None = field(default=None, metadata={"help": "Attention for the decoder alone, e.g. "
+                                                                          "flex_attention (default: flex on GPU, the "
+                                                                          "model's on CPU)."})
 
     def __post_init__(self):
         if self.output_dir is None:

@@ -128,11 +128,3 @@ def parameter_counts(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
 
-
-def compile_layers(model) -> None:
-    """torch.compile each decoder and encoder layer: the repeated blocks, compiled once and reused, no graph breaks
-    across the data-dependent image scatter."""
-    layer_classes = {"LlamaDecoderLayer", "Siglip2EncoderLayer"}
-    for module in model.modules():
-        if type(module).__name__ in layer_classes:
-            module.compile()
