@@ -105,6 +105,7 @@ def all_variants() -> list[Variant]:
         Variant("packed+flex", flex=True),
         Variant("packed+compile", compiled=True),
         Variant("packed+loss+pos+compile", chunked_loss=True, grouped_pos=True, compiled=True),
+        Variant("baseline again", packed=False),  # the same variant twice: the spread is the noise
     ]
 
 

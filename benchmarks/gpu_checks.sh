@@ -19,7 +19,7 @@ if [[ " $steps " == *" tests "* ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -15 || status=1
 fi
 if [[ " $steps " == *" train "* ]]; then
-  for backend in fsdp2 deepspeed_zero2 deepspeed_zero3; do
+  for backend in ${BACKENDS:-fsdp2 deepspeed_zero2 deepspeed_zero3}; do
     echo "== $backend"
     accelerate launch --config_file examples/accelerate/$backend.yaml --num_processes 1 examples/train.py \
       --config examples/configs/gpu_100m.yaml --output_dir /tmp/runs/$backend > "$OUT/train_$backend.log" 2>&1
