@@ -20,16 +20,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
-
-from processing.data import build_train_dataloader
-from processing.scenes import scenes_eval_examples
 from train_lib.arguments import data_config, parse_arguments
 from train_lib.checkpoints import load_trainer_state, resolve_resume, save_checkpoint
 from train_lib.evaluation import caption_exact_match, final_reload_difference
-from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention
 from train_lib.model_factory import build_model_and_processor, parameter_counts, select_trainable
 from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_final, write_report
+from transformers import get_scheduler
+
+from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention
+from processing.data import build_train_dataloader
+from processing.scenes import scenes_eval_examples
 
 
 class StopRequested:
@@ -50,7 +50,7 @@ def make_accelerator(train_args) -> Accelerator:
         mixed_precision = "no" if on_cpu else "bf16"
     trackers = None if train_args.report_to == "none" else train_args.report_to
     # cpu=True matters under torchrun on a machine without GPUs: without it, each process trains alone.
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=train_args.gradient_accumulation_steps,
@@ -60,6 +60,10 @@ def make_accelerator(train_args) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=train_args.output_dir,
                                             logging_dir=os.path.join(train_args.output_dir, "logs")),
     )
+    if on_cpu:
+        # `accelerate launch` pins CPU runs to one thread per process; share the cores among the processes instead.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // accelerator.num_processes))
+    return accelerator
 
 
 def use_fast_path(model, train_args, accelerator) -> None:
@@ -264,7 +268,7 @@ def reload_and_caption(final_dir, example):
 
     model = AutoModelForImageTextToText.from_pretrained(final_dir).eval()
     processor = AutoProcessor.from_pretrained(final_dir)
-    accuracy, predictions = caption_exact_match(model, processor, [example])
+    _, predictions = caption_exact_match(model, processor, [example])
     print(f"reloaded {final_dir}: caption {predictions[0]!r} (expected {example[1]!r})", flush=True)
 
 

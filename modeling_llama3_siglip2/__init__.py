@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 # The real class: transformers < 5.23 exposes a torchvision-gated stand-in at the top level.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-from processing import *  # noqa: F403  (the processing classes are part of this package's public API)
+from processing import *
 from processing import Llama3Siglip2ImageProcessor, Llama3Siglip2Processor
 from processing import __all__ as _processing_all
 

@@ -225,3 +225,21 @@ def test_two_cpu_processes_give_the_loss_curve_of_one_with_the_same_global_batch
     assert one_report["tokens_seen"] == two_report["tokens_seen"]
     torch.testing.assert_close(torch.tensor(one_report["loss_curve"]), torch.tensor(two_report["loss_curve"]),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_a_rank_without_images_trains_in_step_with_a_rank_with_images(tmp_path):
+    """2 CPU processes (gloo DDP): rank 0 reads only image samples, rank 1 only text. DDP fails the step if a
+    parameter has a gradient on one rank and none on the other; the model's blank-image pass prevents that."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.make_mixed_data import write_mixed_parquet
+
+    data = write_mixed_parquet(str(tmp_path / "mixed.parquet"), samples=64)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534")
+    result = subprocess.run(
+        train_command("--output_dir", tmp_path / "run", "--max_steps", 4, "--dataset", "parquet", "--data_files",
+                      data, "--data_format", "interleaved", "--eval_samples", 0, launcher=torchrun),
+        env=child_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 4 and report["skipped"] == {}

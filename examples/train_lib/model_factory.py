@@ -98,10 +98,32 @@ def build_scratch_model(model_args, tokenizer_corpus):
         eoi_token_id=processor.eoi_token_id,
         attn_implementation=model_args.attn_implementation,
     )
-    model = Llama3Siglip2ForConditionalGeneration(config).to(getattr(torch, model_args.dtype))
+    model = Llama3Siglip2ForConditionalGeneration(config)
+    init_position_grid_sincos(model.model.vision_tower.embeddings.position_embedding.weight)
+    model = model.to(getattr(torch, model_args.dtype))
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.pad_token_id
     return model, processor
+
+
+@torch.no_grad()
+def init_position_grid_sincos(weight_GD: torch.Tensor) -> None:
+    """Start SigLIP2's square grid of position embeddings as a 2-D sine-cosine table (as in MAE) instead of noise.
+
+    A model trained from scratch must learn where each patch is; with the grid already smooth in both directions,
+    the resize to each image's grid keeps left apart from right from the first step.
+    """
+    grid_size, width = round(weight_GD.shape[0] ** 0.5), weight_GD.shape[1]
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    coordinates = torch.arange(grid_size, dtype=torch.float32)
+    angles = coordinates[:, None] * frequencies[None, :]  # (grid, quarter)
+    per_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, 2·quarter)
+    rows = per_axis[:, None, :].expand(grid_size, grid_size, -1)
+    cols = per_axis[None, :, :].expand(grid_size, grid_size, -1)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, -1)
+    weight_GD.zero_()
+    weight_GD[:, : table.shape[1]] = table.to(weight_GD.dtype)
 
 
 def select_trainable(model, model_args):
