@@ -152,8 +152,8 @@ def main(argv=None):
         print(describe_run(model_args, data_args, train_args, accelerator, total_params, trainable_params, resume_from),
               flush=True)
     if train_args.report_to != "none":
-        accelerator.init_trackers(train_args.run_name, config={**vars(model_args), **vars(data_args),
-                                                                **{k: v for k, v in vars(train_args).items()}})
+        accelerator.init_trackers(train_args.run_name,
+                                  config={**vars(model_args), **vars(data_args), **vars(train_args)})
 
     stop = StopRequested()
     nan_steps = {int(s) for s in train_args.inject_nan_steps.split(",") if s.strip()}
