@@ -7,14 +7,8 @@
 #   4. tokens/s per GPU, 2 processes against 1, on the same config (scaling efficiency).
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device tool requires.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-/tmp/multi_gpu}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD:$PWD/examples:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi -L
 python3 benchmarks/make_mixed_data.py /tmp/mixed.parquet --samples 4000
 MIXED=(--dataset parquet --data_files /tmp/mixed.parquet --data_format interleaved)
