@@ -20,7 +20,7 @@ from skimage import data
 from transformers import Siglip2ImageProcessorPil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from processing import Llama3Siglip2ImageProcessor  # noqa: E402
+from processing import Llama3Siglip2ImageProcessor
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "logo", "camera", "retina")
 

@@ -33,11 +33,10 @@ Llama3Siglip2Config.register_for_auto_class()
 Llama3Siglip2Model.register_for_auto_class("AutoModel")
 Llama3Siglip2ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = [
+__all__ = _processing_all + [
     "Llama3Siglip2Config",
     "Llama3Siglip2PreTrainedModel",
     "Llama3Siglip2Model",
     "Llama3Siglip2ForConditionalGeneration",
     "from_pretrained_components",
-    *_processing_all,
 ]

@@ -404,4 +404,4 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
         return model_inputs
 
 
-__all__ = ["Llama3Siglip2PreTrainedModel", "Llama3Siglip2Model", "Llama3Siglip2ForConditionalGeneration"]
+__all__ = ["Llama3Siglip2ForConditionalGeneration", "Llama3Siglip2Model", "Llama3Siglip2PreTrainedModel"]

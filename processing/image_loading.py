@@ -71,7 +71,7 @@ def load_image(
             raise InvalidImageError(f"{_describe(image)} is a URL; URLs are only fetched when a `fetcher` is passed")
         try:
             fetched = fetcher(str(image))
-        except Exception as error:  # noqa: BLE001  Whatever the fetcher raises, the image is unusable.
+        except Exception as error:  # whatever the fetcher raises, the image is unusable
             raise InvalidImageError(f"fetching {_describe(image)} failed: {type(error).__name__}: {error}") from error
         return load_image(fetched, max_pixels=max_pixels)
     if isinstance(image, Image.Image):
@@ -137,7 +137,7 @@ def _decode(open_image: Callable[[], Image.Image], what: str, max_pixels: int) -
             raise InvalidImageError(f"{what} is a possible decompression bomb: {error}") from error
         except Image.UnidentifiedImageError as error:
             raise InvalidImageError(f"{what} is not in a recognised image format") from error
-        except Exception as error:  # noqa: BLE001  Pillow's decoders raise many types on corrupt data.
+        except Exception as error:  # Pillow's decoders raise many types on corrupt data
             raise InvalidImageError(f"{what} could not be decoded: {type(error).__name__}: {error}") from error
 
 

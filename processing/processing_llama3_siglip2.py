@@ -357,4 +357,4 @@ def _images_of_messages(messages: Sequence[dict], images: Sequence[Any] | None) 
 
 Llama3Siglip2Processor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["Llama3Siglip2Processor", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "Llama3Siglip2Processor"]

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Siglip2Config,
+    Siglip2Model,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+)
 
 from processing.tokenizer import build_byte_level_bpe_tokenizer
 

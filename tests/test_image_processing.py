@@ -12,7 +12,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers import Siglip2ImageProcessorPil
-from transformers.models.auto.image_processing_auto import AutoImageProcessor  # a placeholder at top level in 5.17 without torchvision
+from transformers.models.auto.image_processing_auto import (
+    AutoImageProcessor,  # a placeholder at top level in 5.17 without torchvision
+)
 
 from processing import InvalidImageError, Llama3Siglip2ImageProcessor, smart_resize
 
