@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections import Counter
 
@@ -273,4 +272,4 @@ def reload_and_caption(final_dir, example):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None or True else 1)
+    main()
