@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from processing.data_packing import PackingBuffer
+from processing.data.packing import PackingBuffer
 
 SEQ_LEN = 2048
 ROWS = 8

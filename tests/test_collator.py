@@ -15,7 +15,7 @@ from processing.collator import (
     MultimodalPackingCollator,
     pack_samples,
 )
-from processing.data_packing import PackingBuffer
+from processing.data.packing import PackingBuffer
 
 PAD = 0
 D = 12  # values per patch of the synthetic images

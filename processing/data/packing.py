@@ -6,7 +6,7 @@ holds into at most `rows` rows of `seq_len` tokens and at most `max_images` imag
 for the next batch; one that has waited `max_wait` batches goes before all younger ones, so none waits forever.
 
 The buffer only stores keys, lengths, image counts and the batch at which each sample arrived; that is its whole
-state, so a pipeline can rebuild it exactly on resume (see `processing.data`).
+state, so a pipeline can rebuild it exactly on resume (see `processing.data.stream`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .collator import pack_samples
+from ..collator import pack_samples
 
 
 @dataclass

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .collator import EMPTY_TEXT, TOO_LONG, TOO_MANY_IMAGES, PackedSample, to_packed_sample
-from .image_loading import InvalidImageError, load_image
+from ..collator import EMPTY_TEXT, TOO_LONG, TOO_MANY_IMAGES, PackedSample, to_packed_sample
+from ..image_loading import InvalidImageError, load_image
 
 INVALID_IMAGE = "invalid_image"  # undecodable, truncated, a bomb, an extreme aspect ratio, a URL, missing
 PLACEHOLDER_MISMATCH = "placeholder_mismatch"

@@ -10,8 +10,8 @@ For the trainer:
     loader = build_train_dataloader(...); loader.load_state_dict(state)   # the next batches are those that
                                                                            # an uninterrupted run would give
 
-How it works. Each loader worker (`PackedBatchStream`) reads its share of the rank's data (see `data_sources`),
-turns each example into a sample (`data_formats.SampleMaker`: decode, process, check), buffers samples in a
+How it works. Each loader worker (`stream.PackedBatchStream`) reads its share of the rank's data (see `sources`),
+turns each example into a sample (`formats.SampleMaker`: decode, process, check), buffers samples in a
 `PackingBuffer` and, whenever the buffer holds enough, packs one batch of `rows_per_batch` rows within the image
 budget and collates it there. A bad example is skipped and counted by reason (`strict=True` raises instead).
 
@@ -28,45 +28,12 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .collator import PackingStats
-from .data_formats import BadSampleError, SkippedSample  # noqa: F401  re-exported for the trainer
-from .data_stream import PackedBatchStream
-
-
-@dataclass
-class DataConfig:
-    """Where training examples come from and how batches are formed (a section of the trainer's config)."""
-
-    dataset: str = "scenes"  # "scenes", a hub name or a `datasets` builder: parquet, json, imagefolder, webdataset
-    data_files: str | None = None  # a path, a glob, or several joined by commas
-    data_dir: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
-    streaming: bool = False
-    cache_dir: str | None = None
-    format: str = "auto"  # caption | interleaved | chat | text; auto finds it from the columns
-    image_column: str | None = None
-    text_column: str | None = None
-    images_column: str | None = None
-    texts_column: str | None = None
-    messages_column: str | None = None
-    image_root: str | None = None  # where relative image paths (LLaVA's) are
-    append_eos: bool = True
-    scenes_size: int = 100_000
-    seed: int = 0
-    shuffle: bool = True  # map-style sources: a new permutation each epoch; streams are read in order
-    num_epochs: int | None = None  # None repeats forever
-    rows_per_batch: int = 8
-    max_images_per_batch: int | None = None
-    packing_lookahead: float = 1.0  # batches' worth of tokens buffered beyond one batch
-    packing_max_wait: int = 4
-    num_workers: int = 0
-    prefetch_factor: int | None = None
-    strict: bool = False
+from ..collator import PackingStats
+from .config import DataConfig
+from .stream import PackedBatchStream
 
 
 def build_train_dataloader(

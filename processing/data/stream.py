@@ -1,7 +1,7 @@
 """One loader worker's stream of packed batches, and the state that restores it exactly.
 
-A worker reads its share of the rank's data (see `data_sources`), turns each example into a sample
-(`data_formats.SampleMaker`), buffers samples in a `PackingBuffer` and, whenever the buffer holds enough, packs and
+A worker reads its share of the rank's data (see `sources`), turns each example into a sample
+(`formats.SampleMaker`), buffers samples in a `PackingBuffer` and, whenever the buffer holds enough, packs and
 collates one batch. It yields `(batch, report)`, where the report carries the worker's skip counts and the batch's
 packing statistics for the main process; a final `(None, report)` carries skips made after the last batch.
 
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .collator import MultimodalPackingCollator, PackingStats
-from .data_formats import BadSampleError, ColumnMap, SampleMaker, SkippedSample
-from .data_packing import PackingBuffer
-from .data_sources import column_names, make_reader, open_source
-
-if TYPE_CHECKING:
-    from .data import DataConfig
+from ..collator import MultimodalPackingCollator, PackingStats
+from .config import DataConfig
+from .formats import BadSampleError, ColumnMap, SampleMaker, SkippedSample
+from .packing import PackingBuffer
+from .sources import column_names, make_reader, open_source
 
 
 class PackedBatchStream(IterableDataset):

@@ -21,7 +21,7 @@ import numpy as np
 from datasets import Dataset, Features, Image, IterableDataset, LargeList, List, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from .scenes import ScenesSource
+from ..scenes import ScenesSource
 
 
 class RankShard(Sequence):
