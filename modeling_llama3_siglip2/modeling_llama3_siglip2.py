@@ -44,6 +44,22 @@ class Llama3Siglip2CausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+class Llama3Siglip2LMHead(nn.Linear):
+    """`nn.Linear` (same weights, same checkpoint key) whose call can also return the chunked training loss.
+
+    The chunked loss multiplies the hidden states by `lm_head.weight` in slices. Doing that inside lm_head's own call
+    lets sharding wrappers see the weight used where they expect it: FSDP2 unshards it in lm_head's pre-forward
+    (reading it from outside gave "lm_head did not run forward before backward" every step), and ZeRO-3 gathers it
+    in lm_head's pre-forward hook, so the chunked loss also runs under ZeRO-3.
+    """
+
+    def forward(self, hidden_states, labels=None, num_items_in_batch=None, ignore_index=-100, chunk_size=0):
+        if labels is None:
+            return super().forward(hidden_states)
+        return chunked_causal_lm_loss(hidden_states, self.weight, labels, num_items_in_batch,
+                                      ignore_index=ignore_index, chunk_size=chunk_size)
+
+
 class Llama3Siglip2MultiModalProjector(nn.Module):
     """Linear(in, in) → act → Linear(in, text hidden), with in = vision hidden × k²."""
 
@@ -208,14 +224,19 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         merged_TD = hidden_NLD.reshape(N * L, -1)[index_TK].flatten(1)
         return self.multi_modal_projector(merged_TD)
 
-    def _dummy_image_features(self) -> torch.Tensor:
-        """Run both image modules on one k×k blank image, so every rank calls the same modules (FSDP, ZeRO-3)."""
+    def _dummy_image_features(self, device: torch.device) -> torch.Tensor:
+        """Run both image modules on one k×k blank image, so every rank calls the same modules (FSDP, ZeRO-3).
+
+        It must touch no parameter outside a module call: ZeRO-3 all-gathers a partitioned parameter read during the
+        forward (`param.all_gather()` in DeepSpeed's `ZeROOrderedDict`), and a gather that only the text-only rank
+        issues is a collective the other ranks never join, so the job hangs (DeepSpeed issue 7170). The pixels are
+        fp32 like the processor's; SigLIP2 casts them to its own dtype inside its embedding's call.
+        """
         k = self.config.spatial_merge_size
         vision = self.config.vision_config
-        weight = self.vision_tower.embeddings.patch_embedding.weight
-        pixels = torch.zeros(1, k * k, vision.num_channels * vision.patch_size**2, device=weight.device, dtype=weight.dtype)
-        mask = torch.ones(1, k * k, device=weight.device, dtype=torch.long)
-        shapes = torch.tensor([[k, k]], device=weight.device, dtype=torch.long)
+        pixels = torch.zeros(1, k * k, vision.num_channels * vision.patch_size**2, device=device)
+        mask = torch.ones(1, k * k, device=device, dtype=torch.long)
+        shapes = torch.tensor([[k, k]], device=device, dtype=torch.long)
         return self._encode_and_project(pixels, mask, shapes, [(k, k)])
 
     def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -264,7 +285,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         elif self.training or (torch.distributed.is_available() and torch.distributed.is_initialized()):
             # A text-only batch still calls the image modules, with a zero contribution, so that sharded ranks
             # (FSDP, ZeRO-3) gather the same parameters in the same order and never wait on each other.
-            inputs_embeds = inputs_embeds + 0.0 * self._dummy_image_features().sum()
+            inputs_embeds = inputs_embeds + 0.0 * self._dummy_image_features(inputs_embeds.device).sum()
 
         if use_cache is None and attention_mask is None and position_ids is not None and past_key_values is None:
             # Position ids without a mask mean packed rows; transformers derives per-sample masks only without a cache.
@@ -292,7 +313,7 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
     def __init__(self, config: Llama3Siglip2Config):
         super().__init__(config)
         self.model = Llama3Siglip2Model(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = Llama3Siglip2LMHead(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -349,8 +370,8 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
         hidden_BSD = outputs.last_hidden_state
         if labels is not None and self.training and self.config.loss_chunk_size:
             # Training needs only the loss: skip the (B, S, V) logits, in fp32 the largest tensor of the step.
-            loss = chunked_causal_lm_loss(hidden_BSD, self.lm_head.weight, labels, num_items_in_batch,
-                                          ignore_index=self.config.ignore_index, chunk_size=self.config.loss_chunk_size)
+            loss = self.lm_head(hidden_BSD, labels=labels, num_items_in_batch=num_items_in_batch,
+                                ignore_index=self.config.ignore_index, chunk_size=self.config.loss_chunk_size)
             return Llama3Siglip2CausalLMOutputWithPast(
                 loss=loss,
                 past_key_values=outputs.past_key_values,
