@@ -1,8 +1,10 @@
 """Safe image decoding: every image that enters the package goes through `load_image`.
 
 Training data is untrusted: files are truncated, mislabelled, decompression bombs, 16-bit, palette-with-alpha or
-rotated by an EXIF tag. `load_image` turns any of them into a 3-channel 8-bit RGB `PIL.Image`, or raises
-`InvalidImageError` with a message that says what was wrong, so that the data pipeline can skip and count.
+rotated by an EXIF tag, or a 3 GB file that happens to be named .jpg. `load_image` turns any of them into a 3-channel
+8-bit RGB `PIL.Image`, or raises `InvalidImageError` with a message that says what was wrong, so that the data
+pipeline can skip and count. Encoded inputs (paths, bytes, file objects) are refused over `max_bytes` before they are
+read, and decoded ones over `max_pixels` from their header, so that no input can take a worker's memory.
 
 This file travels to the Hub with the processor: it imports only numpy, torch and PIL.
 """
@@ -22,6 +24,9 @@ from PIL import Image
 
 # Pillow's own warning threshold (1024 * 1024 * 1024 // 4 // 3 pixels), which we enforce as an error.
 MAX_IMAGE_PIXELS = 89_478_485
+# An uncompressed 8-bit RGB file at the pixel limit (3 bytes per pixel): no real photo within the pixel limit is
+# larger, and reading this much at once is still harmless to a loader worker.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 # Transparent pixels have no colour of their own; white is what a viewer shows and what Qwen2-VL and LLaVA use.
 BACKGROUND_RGB = (255, 255, 255)
 
@@ -42,6 +47,7 @@ _UNDO_ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_KEYED_MODES = {"P", "1", "L", "RGB"}  # modes whose colour key Pillow converts to alpha
 
 
 class InvalidImageError(ValueError):
@@ -53,18 +59,22 @@ def load_image(
     *,
     fetcher: Callable[[str], Any] | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> Image.Image:
     """Decode `image` to an RGB `PIL.Image` with its EXIF orientation applied, or raise `InvalidImageError`.
 
-    Accepts a `PIL.Image`, raw encoded bytes, a local path (str or `os.PathLike`), a numpy array or a torch tensor.
+    Accepts a `PIL.Image`, raw encoded bytes, a local path (str or `os.PathLike`), a binary file object (anything
+    with `read`, read from its current position), a numpy array or a torch tensor.
     Arrays are (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4}; numpy arrays are taken channels-last and torch
     tensors channels-first where the shape allows both. Array values: uint8 as is, uint16 over 0..65535, other
     integers over 0..255, floats over [0, 1], bool black/white. PIL modes follow Pillow's scales: I;16 and I over
     0..65535 (scaled, not clipped at 255 as `Image.convert` does), F over 0..255. Alpha (RGBA, LA, P with
-    transparency) is composited on `BACKGROUND_RGB`.
+    transparency, and L, RGB or 16-bit grey with a colour key (PNG's tRNS)) is composited on `BACKGROUND_RGB`.
 
     A URL is never fetched unless `fetcher` is given: `fetcher(url)` returns the image (bytes, PIL, ...), which is
-    then loaded like any other input. Images over `max_pixels` are refused from their header, before decoding.
+    then loaded like any other input. Images over `max_pixels` are refused from their header, before decoding;
+    encoded inputs over `max_bytes` before they are read (a path's size from the file system, a file object's from
+    seeking, or by reading at most `max_bytes` + 1 bytes where it cannot seek).
     """
     if isinstance(image, (str, os.PathLike)) and _URL.match(str(image)):
         if fetcher is None:
@@ -73,25 +83,34 @@ def load_image(
             fetched = fetcher(str(image))
         except Exception as error:  # whatever the fetcher raises, the image is unusable
             raise InvalidImageError(f"fetching {_describe(image)} failed: {type(error).__name__}: {error}") from error
-        return load_image(fetched, max_pixels=max_pixels)
+        return load_image(fetched, max_pixels=max_pixels, max_bytes=max_bytes)
     if isinstance(image, Image.Image):
         return _decode(lambda: image, _describe(image), max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        if len(image) == 0:
-            raise InvalidImageError("image bytes are empty (0 bytes)")
+        size = memoryview(image).nbytes
+        _check_size(size, "image bytes", max_bytes)
         data = bytes(image)
-        return _decode(lambda: _open(data), f"image bytes ({len(data)} bytes, starting {data[:16]!r})", max_pixels)
+        return _decode(lambda: _open(data), f"image bytes ({size} bytes, starting {data[:16]!r})", max_pixels)
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise InvalidImageError(f"{_describe(image)} is not a file (and not a URL)")
         try:
             with open(image, "rb") as file:
-                data = file.read()
+                data = _read_at_most(file, _describe(image), max_bytes)
         except OSError as error:
             raise InvalidImageError(f"{_describe(image)} could not be read: {error}") from error
-        if len(data) == 0:
-            raise InvalidImageError(f"{_describe(image)} is empty (0 bytes)")
         return _decode(lambda: _open(data), _describe(image), max_pixels)
+    if callable(getattr(image, "read", None)):
+        what = f"file object {_describe_file(image)}"
+        try:
+            data = _read_at_most(image, what, max_bytes)
+        except InvalidImageError:
+            raise
+        except (OSError, ValueError) as error:  # closed, not readable, ...
+            raise InvalidImageError(f"{what} could not be read: {type(error).__name__}: {error}") from error
+        if not isinstance(data, bytes):
+            raise InvalidImageError(f"{what} gives {type(data).__name__}, not bytes; open it in binary mode ('rb')")
+        return _decode(lambda: _open(data), what, max_pixels)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         array = (tensor.float() if tensor.is_floating_point() else tensor).numpy()  # numpy has no bfloat16
@@ -106,6 +125,35 @@ def _describe(image: Any) -> str:
         return f"PIL image ({image.mode}, {image.width}x{image.height})"
     text = str(image)
     return repr(text if len(text) <= 200 else text[:200] + "...")
+
+
+def _describe_file(file: Any) -> str:
+    name = getattr(file, "name", None)
+    return repr(name) if isinstance(name, (str, os.PathLike)) else f"of type {type(file).__name__}"
+
+
+def _check_size(size: int, what: str, max_bytes: int) -> None:
+    if size == 0:
+        raise InvalidImageError(f"{what}: empty (0 bytes)")
+    if size > max_bytes:
+        raise InvalidImageError(
+            f"{what}: {size:,} bytes, over the limit of {max_bytes:,} bytes for one image (`max_bytes`; the data "
+            "config's `max_image_bytes`)"
+        )
+
+
+def _read_at_most(file: Any, what: str, max_bytes: int) -> bytes:
+    """Read the rest of `file`, refusing it from its size where it can seek, or once it passes `max_bytes`."""
+    if getattr(file, "seekable", lambda: False)():
+        start = file.tell()
+        size = file.seek(0, os.SEEK_END) - start
+        file.seek(start)
+        _check_size(size, what, max_bytes)
+    # Read one byte past the limit even when the size was known: a file can grow, and /proc-like files report 0.
+    data = file.read(max_bytes + 1)
+    if isinstance(data, bytes):
+        _check_size(len(data), what, max_bytes)
+    return data
 
 
 def _open(data: bytes) -> Image.Image:
@@ -156,20 +204,30 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
+    # A colour key (PNG's tRNS, GIF's transparent index) marks transparent pixels without an alpha channel.
+    keyed = "transparency" in image.info
+    if mode in _ALPHA_MODES or keyed and mode in _KEYED_MODES:
+        rgba = image.convert("RGBA")  # Pillow turns the colour key of these modes into alpha
+        return _composite(rgba, rgba.getchannel("A"))
     if mode == "RGB":
         return image
-    if mode == "P" and "transparency" in image.info or mode in _ALPHA_MODES:
-        rgba = image.convert("RGBA")
-        composite = Image.new("RGB", rgba.size, BACKGROUND_RGB)
-        composite.paste(rgba, mask=rgba.getchannel("A"))
-        return composite
     if mode.startswith("I;16") or mode == "I":
         # Pillow's own conversion clips 16-bit values at 255, which turns most of a 16-bit photo white.
-        return _gray_to_rgb(_scale_to_uint8(np.asarray(image), full_scale=65535))
+        gray = _gray_to_rgb(_scale_to_uint8(np.asarray(image), full_scale=65535))
+        if not keyed:
+            return gray
+        opaque = np.asarray(image) != image.info["transparency"]
+        return _composite(gray, Image.fromarray(opaque.astype(np.uint8) * 255))
     if mode == "F":
         return _gray_to_rgb(_scale_to_uint8(np.asarray(image), full_scale=255))
     # 1, L, P, CMYK, YCbCr, RGBX, ...: Pillow's own conversions are right for these.
     return image.convert("RGB")
+
+
+def _composite(image: Image.Image, alpha: Image.Image) -> Image.Image:
+    composite = Image.new("RGB", image.size, BACKGROUND_RGB)
+    composite.paste(image, mask=alpha)
+    return composite
 
 
 def _gray_to_rgb(gray: np.ndarray) -> Image.Image:

@@ -281,3 +281,88 @@ def test_odd_modes_give_correct_patches_through_the_image_processor():
     patches = out["pixel_values"][0, :2].reshape(2, 256, 3)
     torch.testing.assert_close(patches[0], torch.tensor([[-1.0, -1.0, 1.0]]).expand(256, 3), rtol=0, atol=1e-6)
     torch.testing.assert_close(patches[1], torch.ones(256, 3), rtol=0, atol=1e-6)
+
+
+# Colour keys (PNG tRNS): transparency without an alpha channel
+
+
+def with_key_colour(pixels: np.ndarray, where: tuple[slice, slice], key) -> np.ndarray:
+    keyed = pixels.copy()
+    keyed[where] = key
+    return keyed
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_colour_keyed_png_is_composited_on_white(mode):
+    photo = data.astronaut() if mode == "RGB" else data.camera()
+    key = (1, 2, 3) if mode == "RGB" else 7
+    keyed = with_key_colour(photo, (slice(100, 200), slice(50, 300)), key)
+    decoded = rgb_of(encode(Image.fromarray(keyed), "PNG", transparency=key))
+    is_key = np.all(keyed.reshape(*keyed.shape[:2], -1) == key, axis=2)
+    assert is_key[100:200, 50:300].all()
+    np.testing.assert_array_equal(decoded[is_key], 255)
+    expected = keyed if mode == "RGB" else np.repeat(keyed[..., None], 3, axis=2)
+    np.testing.assert_array_equal(decoded[~is_key], expected[~is_key])
+
+
+def test_colour_keyed_16_bit_png_is_scaled_and_composited_on_white():
+    photo = data.camera().astype(np.uint16) * 257  # the full 16-bit range
+    keyed = with_key_colour(photo, (slice(0, 64), slice(0, 64)), 5)
+    decoded = rgb_of(encode(Image.fromarray(keyed), "PNG", transparency=5))
+    np.testing.assert_array_equal(decoded[:64, :64], 255)
+    np.testing.assert_array_equal(decoded[64:, :, 0], data.camera()[64:])
+
+
+# The byte limit: encoded inputs are refused from their size, before they are read
+
+
+def test_a_huge_file_is_refused_from_its_size_without_reading_it(tmp_path):
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as file:
+        file.truncate(3 * 1024**3)  # a sparse 3 GB file: reading it whole would take 3 GB of memory
+    start = time.perf_counter()
+    with pytest.raises(InvalidImageError, match=r"huge.jpg.*3,221,225,472 bytes, over the limit of 268,435,456 bytes"):
+        load_image(path)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("kind", ["path", "bytes", "file object"])
+def test_byte_limit_applies_to_every_encoded_input_and_names_the_setting(astronaut, tmp_path, kind):
+    encoded = encode(astronaut, "PNG")
+    (tmp_path / "astronaut.png").write_bytes(encoded)
+    image = {"path": tmp_path / "astronaut.png", "bytes": encoded, "file object": io.BytesIO(encoded)}[kind]
+    with pytest.raises(InvalidImageError, match=rf"{len(encoded):,} bytes, over the limit of 1,000 bytes.*max_bytes"):
+        load_image(image, max_bytes=1000)
+
+
+def test_a_file_object_within_the_limit_is_read_from_its_current_position(astronaut):
+    file = io.BytesIO(b"header" + encode(astronaut, "PNG"))
+    file.seek(6)
+    np.testing.assert_array_equal(np.asarray(load_image(file)), np.asarray(astronaut))
+
+
+class EndlessStream(io.RawIOBase):
+    """A stream that cannot seek and never ends, like a pipe from a misbehaving process."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        buffer[:] = b"\xff" * len(buffer)
+        return len(buffer)
+
+
+def test_an_endless_stream_is_refused_after_reading_just_past_the_limit():
+    with pytest.raises(InvalidImageError, match="1,001 bytes, over the limit of 1,000 bytes"):
+        load_image(io.BufferedReader(EndlessStream()), max_bytes=1000)
+
+
+def test_a_text_mode_file_raises_saying_open_it_in_binary_mode(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with open(tmp_path / "notes.txt") as file, pytest.raises(InvalidImageError, match="binary mode"):
+        load_image(file)
+
+
+def test_the_byte_limit_applies_to_what_a_fetcher_returns(astronaut):
+    with pytest.raises(InvalidImageError, match="over the limit of 1,000 bytes"):
+        load_image("https://example.com/a.png", fetcher=lambda url: encode(astronaut, "PNG"), max_bytes=1000)
