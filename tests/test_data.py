@@ -288,7 +288,7 @@ def test_strict_mode_raises_on_the_first_bad_example_naming_it(processor, tmp_pa
     loader = build_train_dataloader(
         config(path, max_images_per_batch=2, shuffle=False, strict=True), processor, SEQ_LEN
     )
-    with pytest.raises(BadSampleError, match=rf"example {first_bad} of rank 0's shard: {examples[first_bad][2]}"):
+    with pytest.raises(BadSampleError, match=rf"train example {first_bad}: {examples[first_bad][2]}"):
         list(loader)
 
 

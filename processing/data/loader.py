@@ -4,13 +4,23 @@ For the trainer:
 
     loader = build_train_dataloader(DataConfig(...), processor, seq_len, rank, world_size)
     for batch in loader:            # BatchFeature: input_ids, labels, position_ids (R, S) and the image tensors
+        loader.last_sample_ids      # list[int]: the sample ids packed into that batch, row by row (see `sources`)
         loader.last_stats           # PackingStats of that batch: efficiency, image-slot use
         loader.skipped              # Counter: reason -> examples skipped so far, all workers together
+        loader.skip_examples        # reason -> the first skipped example of that reason: "example 17: invalid_image: ..."
     state = loader.state_dict()     # JSON-serialisable; includes buffers' contents (by position) and skip counts
-    loader = build_train_dataloader(...); loader.load_state_dict(state)   # the next batches are those that
-                                                                           # an uninterrupted run would give
+    states = gather_object([state]) # every rank's state, in rank order: what a checkpoint keeps
+    loader = build_train_dataloader(...); loader.load_state_dicts(states)
 
-How it works. Each loader worker (`stream.PackedBatchStream`) reads its share of the rank's data (see `sources`),
+`load_state_dicts` takes all ranks' states. On the layout they were saved with (world size and `num_workers`) it
+restores this rank's state exactly: the next batches are those an uninterrupted run would give
+(`load_state_dict(states[rank])` does the same for one state). On another layout, map-style data is re-dealt: the
+epoch's positions that no rank has consumed yet (samples buffered at save time included) are shared by the new
+readers, so within the epoch no sample is seen twice and none is missed (see `sources`). Skip counts, skip examples
+and `samples_seen` of the old ranks all go to the new rank 0, so that sums over ranks stay right. A stream cannot
+be re-dealt; resuming it on another layout raises.
+
+How it works. Each loader worker (`stream.PackedBatchStream`) reads its share of the data (see `sources`),
 turns each example into a sample (`formats.SampleMaker`: decode, process, check), buffers samples in a
 `PackingBuffer` and, whenever the buffer holds enough, packs one batch of `rows_per_batch` rows within the image
 budget and collates it there. A bad example is skipped and counted by reason (`strict=True` raises instead).
@@ -33,7 +43,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..collator import PackingStats
 from .config import DataConfig
-from .stream import PackedBatchStream
+from .sources import Deal, reader_index, redeal
+from .stream import PackedBatchStream, describe_data, reader_progress
+
+SHARDING = "global-order"  # how map-style data is dealt (see `sources`); states of another sharding cannot resume
+LAYOUT_KEYS = ("rank", "world_size", "num_workers")  # what re-dealing may change
 
 
 def build_train_dataloader(
@@ -51,9 +65,8 @@ def _as_is(item):
 class PackedDataLoader:
     """Iterates over packed `BatchFeature`s; counts skips; saves and restores its position exactly.
 
-    `skipped` (reason -> count) and `samples_seen` cover every batch received so far, across workers and
-    resumes. Restoring needs the same data config, seq_len, rank, world size and `num_workers`: each worker's
-    position and buffer belong to its own share of the data, so they cannot be re-sharded.
+    `skipped` (reason -> count), `skip_examples` and `samples_seen` cover every batch received so far, across
+    workers and resumes.
     """
 
     def __init__(self, stream: PackedBatchStream, config: DataConfig):
@@ -68,8 +81,10 @@ class PackedDataLoader:
                 prefetch_factor=config.prefetch_factor if config.num_workers else None,
             )
         self._skipped_by_worker: dict[str, dict[str, int]] = {}
+        self.skip_examples: dict[str, str] = {}
         self.samples_seen = 0
         self.last_stats: PackingStats | None = None
+        self.last_sample_ids: list[int] = []
 
     @property
     def skipped(self) -> Counter:
@@ -81,20 +96,23 @@ class PackedDataLoader:
     def __iter__(self):
         for batch, report in self.loader:
             self._skipped_by_worker[str(report["worker"])] = report["skipped"]
+            for reason, description in report["skip_examples"].items():
+                self.skip_examples.setdefault(reason, description)
             if batch is None:
                 continue
             self.last_stats = PackingStats(**report["stats"])
+            self.last_sample_ids = report["sample_ids"]
             self.samples_seen += self.last_stats.samples
             yield batch
 
     def _layout(self) -> dict:
         """What the saved positions depend on."""
-        config = self.config
+        config, stream = self.config, self.stream
         return {
             "num_workers": config.num_workers,
-            "rank": self.stream.rank,
-            "world_size": self.stream.world_size,
-            "seq_len": self.stream.seq_len,
+            "rank": stream.rank,
+            "world_size": stream.world_size,
+            "seq_len": stream.seq_len,
             "rows_per_batch": config.rows_per_batch,
             "max_images_per_batch": config.max_images_per_batch,
             "dataset": config.dataset,
@@ -103,26 +121,114 @@ class PackedDataLoader:
             "streaming": config.streaming,
             "seed": config.seed,
             "shuffle": config.shuffle,
+            "size": None if stream.deal is None else stream.deal.size,
+            "sharding": SHARDING,
         }
 
     def state_dict(self) -> dict:
         """JSON-serialisable: the loader's and every worker's position, buffers by position, and skip counts."""
         return {
             "layout": self._layout(),
+            "deal": None if self.stream.deal is None else self.stream.deal.state(),
             "loader": self.loader.state_dict(),
             "skipped_by_worker": {worker: dict(counts) for worker, counts in self._skipped_by_worker.items()},
+            "skip_examples": dict(self.skip_examples),
             "samples_seen": self.samples_seen,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved, current = state["layout"], self._layout()
-        changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+        """Restore this rank's state, saved on the same layout; see `load_state_dicts` for another layout."""
+        changed = self._changes(state["layout"])
         if changed:
-            details = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
-            raise ValueError(
-                f"cannot resume the data pipeline: {details}. Each worker's position and packing buffer belong to "
-                "its share of the data; resume with the settings the checkpoint was saved with."
+            hint = (
+                " To resume on another number of ranks or workers, pass every rank's state to load_state_dicts."
+                if set(changed) <= set(LAYOUT_KEYS)
+                else ""
             )
+            raise ValueError(
+                f"cannot resume the data pipeline: {_describe(changed)}. Each worker's position and packing buffer "
+                f"belong to its share of the data; resume with the settings the checkpoint was saved with.{hint}"
+            )
+        self._restore_deal(state["deal"])
         self.loader.load_state_dict(state["loader"])
         self._skipped_by_worker = {worker: dict(counts) for worker, counts in state["skipped_by_worker"].items()}
+        self.skip_examples = dict(state["skip_examples"])
         self.samples_seen = state["samples_seen"]
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Resume from every rank's saved state (`states[r]` is rank r's `state_dict()`), on the saved layout exactly,
+        or on another world size or `num_workers` by re-dealing what no rank has consumed (map-style data only)."""
+        saved = _check_complete(states)
+        if saved["world_size"] == self.stream.world_size and saved["num_workers"] == self.config.num_workers:
+            self.load_state_dict(states[self.stream.rank])
+            return
+        changed = {key: values for key, values in self._changes(saved).items() if key not in LAYOUT_KEYS}
+        if changed:
+            raise ValueError(f"cannot resume the data pipeline: {_describe(changed)}; only the layout may change.")
+        old_layout = f"{saved['world_size']} ranks x {max(saved['num_workers'], 1)} readers each"
+        new_layout = f"{self.stream.world_size} x {max(self.config.num_workers, 1)}"
+        if self.stream.deal is None:
+            raise ValueError(
+                f"cannot resume the stream of {describe_data(self.config)} on {new_layout} readers: it was saved on "
+                f"{old_layout}. Each reader's position is a place in its own split of the stream, which cannot be "
+                f"re-dealt to other readers. Resume with {saved['world_size']} processes and num_workers "
+                f"{saved['num_workers']}, or load the data set without streaming (map-style data can be re-dealt)."
+            )
+        old_deal = Deal.from_state(states[0]["deal"], self.stream.deal.size, self.config.seed, self.config.shuffle)
+        progress = [
+            reader_progress(worker_state, reader_index(rank, saved["world_size"], worker), old_deal)
+            for rank, state in enumerate(states)
+            for worker, worker_state in _worker_states(state["loader"]).items()
+        ]
+        if sorted(p.reader for p in progress) != list(range(old_deal.readers)):
+            readers = sorted(p.reader for p in progress)
+            raise ValueError(f"the saved states hold readers {readers}, not the {old_layout} of their layout")
+        self.stream.deal = redeal(old_deal, progress, self.stream.deal.readers, self.config.num_epochs)
+        self.stream.load_state_dict({})
+        self.loader.load_state_dict({})  # a fresh start of every worker, under the new deal
+        first = self.stream.rank == 0  # the old ranks' counts go to one new rank, so that sums stay right
+        carried: Counter[str] = Counter()
+        for state in reversed(states):
+            for counts in state["skipped_by_worker"].values():
+                carried.update(counts)
+        self._skipped_by_worker = {"carried": dict(carried)} if first and carried else {}
+        self.skip_examples = {}
+        if first:
+            for state in states:
+                for reason, description in state["skip_examples"].items():
+                    self.skip_examples.setdefault(reason, description)
+        self.samples_seen = sum(state["samples_seen"] for state in states) if first else 0
+
+    def _changes(self, saved: dict) -> dict:
+        current = self._layout()
+        return {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+
+    def _restore_deal(self, state: dict | None) -> None:
+        if self.stream.deal is not None:
+            config = self.config
+            self.stream.deal = Deal.from_state(state, self.stream.deal.size, config.seed, config.shuffle)
+
+
+def _describe(changed: dict) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+
+
+def _check_complete(states: list[dict]) -> dict:
+    """The saved layout, once sure that `states` are all the ranks of one run, in rank order."""
+    if not states:
+        raise ValueError("no saved data states to resume from")
+    saved = states[0]["layout"]
+    ranks = [state["layout"]["rank"] for state in states]
+    if ranks != list(range(saved["world_size"])):
+        raise ValueError(f"expected the states of ranks 0..{saved['world_size'] - 1} in order, got ranks {ranks}")
+    return saved
+
+
+def _worker_states(loader_state: dict) -> dict[int, dict]:
+    """Each worker's `PackedBatchStream.state_dict()` inside a `StatefulDataLoader.state_dict()` (torchdata 0.11)."""
+    snapshot = loader_state.get("_snapshot")
+    if snapshot is None:  # no workers: the dataset's state is at the top
+        return {0: loader_state.get("dataset_state") or {}}
+    return {
+        worker["worker_id"]: worker.get("dataset_state") or {} for worker in snapshot["_worker_snapshots"].values()
+    }

@@ -1,21 +1,43 @@
-"""Data sources: open what the data config names, shard it across ranks, and read each loader worker's share.
+"""Data sources: open what the data config names, deal its examples to the readers, and read each reader's share.
 
-`open_source` gives the rank's part of the data: the embedded scenes set, or anything `datasets.load_dataset`
-reads (a hub name, parquet, json/jsonl, imagefolder, webdataset tar), local or streaming, split across ranks with
-`datasets.distributed.split_dataset_by_node`. Image columns come undecoded, so that decoding happens in the
-loader's workers, and a broken image is one skipped sample rather than an exception inside `datasets`.
+Readers. A run reads its data with J = W * K readers: the K loader workers (one reader without workers) of each of
+the W ranks. Every example read gets a sample id, stable across runs and resumes (see below), which the pipeline
+reports with each batch.
 
-`make_reader` gives one loader worker's reader. A reader yields `(name, example)`, where `name` says which example
-it is for error messages, and has a `state()` that `restore()` takes to go on reading exactly after the last
-example yielded. Map-style sources are read in a per-epoch permutation (from the seed), each worker taking every
-`num_workers`-th entry; streams are split across workers the same way as across ranks, and keep their position
-with `IterableDataset.state_dict()`.
+Map-style sources (the embedded scenes set, or anything `datasets` loads without streaming) are not cut into rank
+parts. Each epoch has one global order of all N examples: a seeded permutation (`shuffle`) or 0..N-1. A `Deal` gives
+reader j = worker * W + rank the order's positions j, j + J, j + 2J, ... So rank r reads the positions r, r + W, ...
+whatever K is; unshuffled, rank r reads the rows r, r + W, r + 2W, ... of the data set. A sample's id is its index
+in the data set. A reader's position is only (epoch, cursor): how much of its share of the epoch it has read.
+
+Re-dealing (resuming on another layout). Because every reader's share is a known set of positions, the positions
+an epoch has consumed so far can be computed from all readers' (epoch, cursor) and what each still buffers (see
+`redeal`). The new layout's J' readers then share the epoch's remaining positions in order (the holes below the
+old readers' frontier first, then the tail), reader j' taking every J'-th of them, and later epochs are dealt as
+usual. A `Deal` keeps, for each partly consumed epoch, the set already taken as the count of leading taken positions
+and a zlib-compressed bitmap of the window after it up to the last taken one. The window spans the spread of the
+old readers' frontiers and the samples they had buffered, not the epoch, so it does not grow with training length
+(for 1M examples, 32 readers, a bitmap of a few kB; measured in tests/test_data_resume.py).
+
+Streams (`IterableDataset`) are split across ranks and then workers with `split_dataset_by_node`, which makes
+reader rank * K + worker of J; each keeps its position with `IterableDataset.state_dict()`. Its id for the n-th
+example it reads in an epoch is reader + n * J: the example's position in the stream when `datasets` splits the
+stream example by example (its "examples" strategy: fewer shards than readers, or a count that does not divide),
+and a unique, stable stand-in when it deals whole shards. A stream cannot be re-dealt: a reader's position is a
+place in its own split of the stream.
+
+Image columns come undecoded, so that decoding happens in the loader's workers, and a broken image is one skipped
+sample rather than an exception inside `datasets`.
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
+import zlib
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from datasets import Dataset, Features, Image, IterableDataset, LargeList, List, load_dataset
@@ -24,28 +46,23 @@ from datasets.distributed import split_dataset_by_node
 from ..scenes import ScenesSource
 
 
-class RankShard(Sequence):
-    """Rank `rank`'s contiguous part of a sequence, cut as `split_dataset_by_node` cuts a map-style data set."""
+class Example(NamedTuple):
+    """One example as a reader yields it: its sample id, a name for messages, the raw example, its epoch, and
+    whether it is the first its reader reads in that epoch."""
 
-    def __init__(self, source: Sequence, rank: int, world_size: int):
-        size, extra = divmod(len(source), world_size)
-        self.source, self.start = source, rank * size + min(rank, extra)
-        self.size = size + (rank < extra)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> Any:
-        if not 0 <= index < self.size:
-            raise IndexError(index)
-        return self.source[self.start + index]
+    id: int
+    name: str
+    data: Any
+    epoch: int
+    opens_epoch: bool
 
 
 def open_source(config, rank: int = 0, world_size: int = 1, image_token: str | None = None):
-    """The rank's part of the data named by `config` (a `DataConfig`): a sequence or a `datasets` data set."""
+    """The data named by `config` (a `DataConfig`): for map-style sources the whole of it (a `Deal` shares it out),
+    for streams the rank's split."""
     if config.dataset == "scenes":
         options = {} if image_token is None else {"image_token": image_token}
-        return RankShard(ScenesSource(config.split, config.scenes_size, config.seed, **options), rank, world_size)
+        return ScenesSource(config.split, config.scenes_size, config.seed, **options)
     data_files = config.data_files.split(",") if config.data_files and "," in config.data_files else config.data_files
     data = load_dataset(
         config.dataset,
@@ -56,7 +73,8 @@ def open_source(config, rank: int = 0, world_size: int = 1, image_token: str | N
         streaming=config.streaming,
         cache_dir=config.cache_dir,
     )
-    return split_dataset_by_node(without_image_decoding(data), rank=rank, world_size=world_size)
+    data = without_image_decoding(data)
+    return split_dataset_by_node(data, rank=rank, world_size=world_size) if config.streaming else data
 
 
 def column_names(source) -> list[str]:
@@ -86,17 +104,133 @@ def _undecoded(feature):
     return feature
 
 
-def make_reader(source, worker: int, num_workers: int, rank: int, seed: int, shuffle: bool, num_epochs: int | None):
-    if isinstance(source, IterableDataset):
-        return StreamReader(source, worker, num_workers, rank, num_epochs)
-    return MapReader(source, worker, num_workers, rank, seed, shuffle, num_epochs)
+# Map-style sources: the deal
+
+
+def reader_index(rank: int, world_size: int, worker: int) -> int:
+    """The map-style reader that worker `worker` of rank `rank` is: rank r's readers are r, r + W, r + 2W, ..."""
+    return worker * world_size + rank
+
+
+class Deal:
+    """Which positions of each epoch's global order each of `readers` readers reads.
+
+    `taken` holds, for epochs partly consumed under an earlier layout, a boolean array over positions (True:
+    consumed); those epochs deal only their remaining positions. `start` is the epoch a fresh reader begins at.
+    """
+
+    def __init__(self, size: int, readers: int, seed: int, shuffle: bool, taken=None, start: int = 0):
+        self.size, self.readers, self.seed, self.shuffle = size, readers, seed, shuffle
+        self.taken: dict[int, np.ndarray] = dict(taken or {})
+        self.start = start
+        self._remaining: dict[int, np.ndarray] = {}
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Position -> index in the data set, for `epoch`."""
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = (epoch, rng.permutation(self.size) if self.shuffle else np.arange(self.size))
+        return self._order[1]
+
+    def share(self, epoch: int, reader: int) -> np.ndarray:
+        """The positions `reader` reads in `epoch`, in reading order."""
+        if epoch not in self.taken:
+            return np.arange(reader, self.size, self.readers)
+        if epoch not in self._remaining:
+            self._remaining[epoch] = np.flatnonzero(~self.taken[epoch])
+        return self._remaining[epoch][reader :: self.readers]
+
+    def reads(self, reader: int, epoch: int, cursor: int, num_epochs: int | None) -> Iterator[tuple[int, int, int]]:
+        """(epoch, cursor, position) of every read `reader` makes from (epoch, cursor) on."""
+        while num_epochs is None or epoch < num_epochs:
+            share = self.share(epoch, reader)
+            if len(share) == 0 and epoch not in self.taken:
+                return  # more readers than examples: this reader's share of every whole epoch is empty
+            for index in range(cursor, len(share)):
+                yield epoch, index, int(share[index])
+            epoch, cursor = epoch + 1, 0
+
+    def state(self) -> dict:
+        return {
+            "readers": self.readers,
+            "start": self.start,
+            "taken": {str(epoch): _encode_bitmap(taken) for epoch, taken in sorted(self.taken.items())},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, size: int, seed: int, shuffle: bool) -> Deal:
+        taken = {int(epoch): _decode_bitmap(bits, size) for epoch, bits in state["taken"].items()}
+        return cls(size, state["readers"], seed, shuffle, taken, state["start"])
+
+
+class ReaderProgress(NamedTuple):
+    """What one reader of a saved layout had consumed: everything of its share before `epoch`/`cursor` (the read
+    of its oldest sample still buffered, or its position if none), then, read by read, whether each later read was
+    consumed (delivered in a batch or skipped) or is still buffered."""
+
+    reader: int
+    epoch: int
+    cursor: int
+    consumed_after: list[bool]
+
+
+def redeal(deal: Deal, progress: list[ReaderProgress], readers: int, num_epochs: int | None) -> Deal:
+    """A deal of what `deal`'s readers (all of them, one `ReaderProgress` each) have not consumed to `readers` new
+    readers: the epochs they had partly consumed deal their remaining positions; the new readers start at the first
+    such epoch."""
+    consumed_reads: dict[int, list[int]] = defaultdict(list)
+    last = max([p.epoch for p in progress] + list(deal.taken))
+    for reader, epoch, cursor, consumed_after in progress:
+        reads = itertools.islice(deal.reads(reader, epoch, cursor, num_epochs), len(consumed_after))
+        for (read_epoch, _, position), consumed in zip(reads, consumed_after):
+            last = max(last, read_epoch)
+            if consumed:
+                consumed_reads[read_epoch].append(position)
+    first = min(p.epoch for p in progress)
+    end = last + 1 if num_epochs is None else min(last + 1, num_epochs)
+    taken, start = {}, None
+    for epoch in range(first, end):
+        done = deal.taken[epoch].copy() if epoch in deal.taken else np.zeros(deal.size, dtype=bool)
+        for p in progress:
+            if p.epoch >= epoch:
+                share = deal.share(epoch, p.reader)
+                done[share if p.epoch > epoch else share[: p.cursor]] = True
+        done[consumed_reads[epoch]] = True
+        if start is None and not done.all():
+            start = epoch
+        if start is not None and done.any():
+            taken[epoch] = done  # an epoch after `start` may be whole: it must not be dealt again either
+    return Deal(deal.size, readers, deal.seed, deal.shuffle, taken, end if start is None else start)
+
+
+def _encode_bitmap(taken: np.ndarray) -> dict:
+    """A taken set as its leading run of taken positions and a compressed bitmap of the window after it."""
+    lead = len(taken) if taken.all() else int(np.argmin(taken))
+    end = len(taken) - int(np.argmax(taken[::-1])) if taken.any() else 0
+    window = taken[lead:max(lead, end)]
+    bits = zlib.compress(np.packbits(window).tobytes(), 9)
+    return {"lead": lead, "window": len(window), "bits": base64.b64encode(bits).decode("ascii")}
+
+
+def _decode_bitmap(state: dict, size: int) -> np.ndarray:
+    taken = np.zeros(size, dtype=bool)
+    lead, window = state["lead"], state["window"]
+    taken[:lead] = True
+    packed = np.frombuffer(zlib.decompress(base64.b64decode(state["bits"])), dtype=np.uint8)
+    taken[lead : lead + window] = np.unpackbits(packed, count=window).astype(bool)
+    return taken
+
+
+# Readers
 
 
 class MapReader:
-    def __init__(self, source, worker, num_workers, rank, seed, shuffle, num_epochs):
-        self.source, self.worker, self.num_workers, self.rank = source, worker, num_workers, rank
-        self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
-        self.epoch, self.cursor = 0, 0  # cursor: entries of this worker's share of the epoch already read
+    """Reader `reader` of a map-style source under `deal`; its position is (epoch, cursor) in its share."""
+
+    def __init__(self, source, deal: Deal, reader: int, num_epochs: int | None):
+        self.source, self.deal, self.reader, self.num_epochs = source, deal, reader, num_epochs
+        self.epoch, self.cursor = deal.start, 0
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -104,39 +238,32 @@ class MapReader:
     def restore(self, state: dict) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
 
-    def _share(self, epoch: int) -> np.ndarray:
-        order = np.arange(len(self.source))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-        return order[self.worker :: self.num_workers]
-
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
-        while self.num_epochs is None or self.epoch < self.num_epochs:
-            share = self._share(self.epoch)
-            if len(share) == 0:
-                return
-            while self.cursor < len(share):
-                index = int(share[self.cursor])
-                example = self.source[index]
-                self.cursor += 1
-                yield f"example {index} of rank {self.rank}'s shard", example
-            self.epoch, self.cursor = self.epoch + 1, 0
+    def __iter__(self) -> Iterator[Example]:
+        for epoch, cursor, position in self.deal.reads(self.reader, self.epoch, self.cursor, self.num_epochs):
+            index = int(self.deal.order(epoch)[position])
+            example = self.source[index]
+            self.epoch, self.cursor = epoch, cursor + 1
+            yield Example(index, f"example {index}", example, epoch, cursor == 0)
 
 
 class StreamReader:
-    def __init__(self, source: IterableDataset, worker, num_workers, rank, num_epochs):
-        # Splitting again by worker composes with the rank split: worker w of rank r reads share r * W + w.
+    """Reader rank * K + worker of a stream: the rank's split, split again by worker (`datasets` composes both)."""
+
+    def __init__(self, source: IterableDataset, rank: int, world_size: int, worker: int, num_workers: int, num_epochs):
         self.stream = split_dataset_by_node(source, worker, num_workers) if num_workers > 1 else source
-        self.worker, self.rank, self.num_epochs = worker, rank, num_epochs
-        self.epoch, self.read, self.stream_state = 0, 0, None  # stream_state: None at the start of an epoch
+        self.reader, self.readers = rank * num_workers + worker, world_size * num_workers
+        self.num_epochs = num_epochs
+        # read: examples read in all epochs; in_epoch: in this one; stream_state: None at the start of an epoch
+        self.epoch, self.read, self.in_epoch, self.stream_state = 0, 0, 0, None
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "read": self.read, "stream": self.stream_state}
+        return {"epoch": self.epoch, "read": self.read, "in_epoch": self.in_epoch, "stream": self.stream_state}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.read, self.stream_state = state["epoch"], state["read"], state["stream"]
+        self.epoch, self.read, self.in_epoch = state["epoch"], state["read"], state["in_epoch"]
+        self.stream_state = state["stream"]
 
-    def __iter__(self) -> Iterator[tuple[str, Any]]:
+    def __iter__(self) -> Iterator[Example]:
         while self.num_epochs is None or self.epoch < self.num_epochs:
             self.stream.set_epoch(self.epoch)
             if self.stream_state is not None:
@@ -146,10 +273,11 @@ class StreamReader:
             # stream across workers a second time.
             for batch in self.stream.iter(batch_size=1):
                 example = {name: values[0] for name, values in batch.items()}
-                self.stream_state, self.read = self.stream.state_dict(), self.read + 1
+                sample_id, opens_epoch = self.reader + self.in_epoch * self.readers, self.in_epoch == 0
+                self.stream_state, self.read, self.in_epoch = self.stream.state_dict(), self.read + 1, self.in_epoch + 1
                 read_this_epoch += 1
                 key = f" (key {example['__key__']!r})" if "__key__" in example else ""
-                yield f"streamed example {self.read - 1} of worker {self.worker}, rank {self.rank}{key}", example
+                yield Example(sample_id, f"streamed example {sample_id}{key}", example, self.epoch, opens_epoch)
             if read_this_epoch == 0 and self.stream_state is None:
                 return
-            self.epoch, self.stream_state = self.epoch + 1, None
+            self.epoch, self.in_epoch, self.stream_state = self.epoch + 1, 0, None
