@@ -28,8 +28,9 @@ TINY = [
     "--seq_len", "256", "--rows_per_batch", "1", "--eval_samples", "4", "--eval_before", "false",
     "--report_to", "none", "--warmup_steps", "5",
 ]
-REPORT_KEYS = {"steps", "samples_seen", "tokens_seen", "wall_seconds", "tokens_per_second", "train_loss_first",
-               "train_loss_last", "skipped", "eval_exact_match", "eval_exact_match_blank_images"}
+REPORT_KEYS = {"steps", "samples_seen", "tokens_seen", "wall_seconds", "tokens_per_second_wall",
+               "tokens_per_second_steady", "steady_state", "compile_seconds", "graph_count", "host_syncs_per_step",
+               "train_loss_first", "train_loss_last", "skipped", "eval_exact_match", "eval_exact_match_blank_images"}
 
 
 def run_in_process(*args):
@@ -198,13 +199,15 @@ class BothShardsInOneProcess:
 
         assert (rank, world_size) == (0, 1)
         self.shards = [build_train_dataloader(config, processor, seq_len, rank=r, world_size=2) for r in range(2)]
-        self.skipped = {}
+        self.skipped, self.skip_examples, self.samples_seen, self.last_sample_ids = {}, {}, 0, []
 
     def __iter__(self):
         iterators = [iter(shard) for shard in self.shards]
         while True:
-            for iterator in iterators:
-                yield next(iterator)
+            for shard, iterator in zip(self.shards, iterators):
+                batch = next(iterator)
+                self.last_sample_ids = shard.last_sample_ids
+                yield batch
 
 
 def test_two_cpu_processes_give_the_loss_curve_of_one_with_the_same_global_batch(tmp_path, monkeypatch):

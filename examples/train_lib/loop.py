@@ -1,0 +1,275 @@
+"""The training loop: `Trainer.train()` runs `train_step` until `max_steps` or a stop request.
+
+A step, on every rank:
+    1. `max(1, accumulation)` micro-batches from the loader, with their sample ids;
+    2. one all-reduce of the target count (every rank's loss is a sum over the global batch's targets);
+    3. `forward_backward_step` for each micro-batch; the gradient clip;
+    4. one all-gather of the step's summary (`step_sync`): the loss, the gradient norm, the counts, the stop flag;
+    5. the optimizer and scheduler step, unless a loss or the gradient norm was not finite on any rank.
+
+Host syncs per step: 1, the summary's copy to the host (`HOST_SYNCS_PER_STEP`). Targets, tokens and samples are
+counted on the host from the CPU batch; the loss and gradient norm stay on the device until the summary. Under
+DeepSpeed, which runs its optimizer step inside `backward`, each micro-batch's loss is also checked before its
+backward (one reduce and one host sync each): a NaN that reached DeepSpeed's step would be applied.
+
+Non-finite steps. Elsewhere the check comes after the backward: a NaN loss yields NaN gradients (DDP spreads them to
+every rank), the summary shows it on every rank, and the step is skipped everywhere: no optimizer or scheduler step,
+gradients zeroed (set to None), so the NaN never reaches the weights or Adam's moments.
+
+Around the steps: `StepClock` (steady-state speed), `StepLog` (steps.jsonl), `Checkpointer`, the data engineer's
+`SkipRateGuard`, the progress bar (one per node) and the trackers (the main process).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from processing.data import SKIP_REASONS
+from processing.data.health import SkipRateGuard
+
+from .checkpoints import save_checkpoint
+from .metrics import StepClock, StepLog
+from .preemption import StopRequested, keep_workers_through_sigterm
+from .step_sync import gather_step_summary
+
+HOST_SYNCS_PER_STEP = 1
+IGNORE_INDEX = -100
+
+
+def host_syncs_per_step(accelerator) -> int:
+    """The loop's host syncs in one step (see the module docstring); DeepSpeed adds one per micro-batch."""
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    return HOST_SYNCS_PER_STEP + (accelerator.gradient_accumulation_steps if deepspeed else 0)
+
+
+@dataclass
+class LoopOptions:
+    """Options of the loop that are not part of a run's config: testing aids, and a debugging record."""
+
+    log_sample_ids: bool = False  # steps.jsonl also lists every rank's sample ids (one more gather per step)
+    test_slow_save_rank: int | None = None  # testing aid: this rank writes its part of each checkpoint late ...
+    test_slow_save_seconds: float = 0.0  # ... by this much
+
+
+def split_loop_options(argv: list[str]) -> tuple[LoopOptions, list[str]]:
+    """Take the `LoopOptions` flags out of `argv`; the rest is the run's own command line."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(LoopOptions, add_help=False, allow_abbrev=False)
+    options, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    return options, rest
+
+
+def slow_down_checkpoint_writes(accelerator, options: LoopOptions) -> None:
+    """Testing aid: one rank writes its part of every checkpoint `test_slow_save_seconds` after the others."""
+    if options.test_slow_save_rank is not None and accelerator.process_index == options.test_slow_save_rank:
+        seconds = options.test_slow_save_seconds
+        accelerator.register_save_state_pre_hook(lambda models, weights, folder: time.sleep(seconds))
+
+
+def batch_counts(micro_batches, pad_token_id: int) -> tuple[int, int]:
+    """(real tokens, samples) in packed CPU batches, on the host; a sample starts where its position is 0."""
+    tokens = samples = 0
+    for batch in micro_batches:
+        real = batch["input_ids"] != pad_token_id
+        tokens += int(real.sum())
+        samples += int(((batch["position_ids"] == 0) & real).sum())
+    return tokens, samples
+
+
+def count_targets(micro_batches) -> int:
+    """Label positions the shifted loss scores: every label but each row's first that is not ignored."""
+    return sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
+
+
+def skip_vector(skipped: Counter) -> list[int]:
+    """Skip counts by reason, in `SKIP_REASONS` order, then everything else (unforeseen errors) in one bucket."""
+    known = [skipped.get(reason, 0) for reason in SKIP_REASONS]
+    return [*known, sum(skipped.values()) - sum(known)]
+
+
+def skip_counts(vector) -> dict[str, int]:
+    return {reason: int(count) for reason, count in zip((*SKIP_REASONS, "unexpected_error"), vector) if count}
+
+
+class Checkpointer:
+    """Saves a resumable checkpoint every `every` steps, and when the run is asked to stop."""
+
+    def __init__(self, accelerator, train_args, pipeline, model, processor):
+        self.accelerator, self.pipeline = accelerator, pipeline
+        self.output_dir, self.every = train_args.output_dir, train_args.checkpoint_every
+        self.keep = train_args.keep_checkpoints
+        unwrapped = accelerator.unwrap_model(model)
+        # What `hf/` needs for an offline export of the checkpoint.
+        self.hf_files = dict(model_config=unwrapped.config, processor=processor,
+                             generation_config=getattr(unwrapped, "generation_config", None))
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def save(self, state: dict) -> str:
+        state["data"] = gather_object([self.pipeline.state_dict()])  # every rank's position, in rank order
+        state["world_size"] = self.accelerator.num_processes
+        return save_checkpoint(self.accelerator, self.output_dir, state["step"], state, self.keep, **self.hf_files)
+
+
+class Trainer:
+    """Runs the optimisation from `state` (a fresh run's or a checkpoint's) on prepared objects."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, pipeline, processor, state: dict, train_args,
+                 options: LoopOptions, flops_per_token: float, peak_flops_per_device: float | None, evaluate=None):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.pipeline, self.state, self.args, self.options = pipeline, state, train_args, options
+        self.pad_token_id = processor.pad_token_id
+        self.evaluate = evaluate  # step -> figures or None: the periodic evaluation, if the run has one
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2's DTensors
+        self.accumulation = accelerator.gradient_accumulation_steps  # DeepSpeed's config may have set it
+        self.deepspeed = accelerator.state.deepspeed_plugin is not None
+        self.nan_steps = {int(s) for s in train_args.inject_nan_steps.split(",") if s.strip()}
+        self.checkpointer = Checkpointer(accelerator, train_args, pipeline, model, processor)
+        self.stop = StopRequested()
+        self.guard = SkipRateGuard()
+        self.clock = StepClock(flops_per_token, peak_flops_per_device, accelerator.num_processes)
+        self.step_log = StepLog(train_args.output_dir, state["step"], enabled=accelerator.is_main_process)
+        self.consecutive_bad = 0
+        self.skipped_examples: dict[str, int] = {}
+        keep_workers_through_sigterm(pipeline)
+        self.batches = iter(pipeline)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+
+    def next_micro_batches(self) -> tuple[list, list]:
+        micro_batches, sample_ids = [], []
+        for _ in range(self.accumulation):
+            micro_batches.append(next(self.batches))
+            sample_ids += self.pipeline.last_sample_ids
+        return micro_batches, sample_ids
+
+    def global_target_count(self, micro_batches) -> torch.Tensor:
+        """Targets of the whole global batch, left on the device: every rank's loss is divided by it."""
+        local = torch.tensor(count_targets(micro_batches), device=self.accelerator.device)
+        return self.accelerator.reduce(local, "sum")
+
+    def forward_backward_step(self, batch, targets: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's loss (this rank's targets over the global target count), backpropagated."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            loss = self.model(**batch.to(accelerator.device), num_items_in_batch=targets).loss
+            if self.state["step"] + 1 in self.nan_steps:
+                loss = loss * float("nan")
+            if self.deepspeed and not bool(accelerator.reduce(torch.isfinite(loss).float(), "min")):
+                return loss.detach()  # no backward: DeepSpeed would apply the NaN in its own step
+            # accelerate averages gradients over processes and divides by the accumulation steps; the loss is
+            # already a sum over all of them divided by their target count, so undo both.
+            accelerator.backward(loss * accelerator.num_processes * self.accumulation)
+        return loss.detach()
+
+    def clip_gradients(self):
+        if self.deepspeed:
+            return None  # DeepSpeed clips inside its step, by its config's gradient_clipping
+        return self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+
+    def train_step(self, micro_batches, sample_ids):
+        targets = self.global_target_count(micro_batches)
+        loss = torch.stack([self.forward_backward_step(batch, targets) for batch in micro_batches]).sum()
+        grad_norm = self.clip_gradients()
+        tokens, samples = batch_counts(micro_batches, self.pad_token_id)
+        summary = gather_step_summary(
+            self.accelerator, loss, grad_norm, tokens=tokens, samples=samples, sample_ids=sample_ids,
+            samples_seen=self.pipeline.samples_seen, skipped=skip_vector(self.pipeline.skipped),
+            stop=self.stop.requested)
+        if summary.finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return summary
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def train(self) -> bool:
+        """Train to `max_steps` (True), or until SIGTERM, after saving a checkpoint (False)."""
+        accelerator, state = self.accelerator, self.state
+        progress = tqdm(total=self.args.max_steps, initial=state["step"], file=sys.stderr,
+                        disable=not accelerator.is_local_main_process)
+        self.model.train()
+        try:
+            while state["step"] < self.args.max_steps:
+                self.clock.start_step()
+                micro_batches, sample_ids = self.next_micro_batches()
+                summary = self.train_step(micro_batches, sample_ids)
+                self.clock.end_step(summary.tokens)
+                self.record(summary, sample_ids, progress)
+                if self.evaluate is not None:
+                    self.evaluate(state["step"])
+                if self.checkpointer.due(state["step"]) or summary.stop:
+                    self.checkpointer.save(state)
+                if summary.stop:
+                    accelerator.print(f"SIGTERM: saved step {state['step']} and stopping; resume with "
+                                      "--resume_from_checkpoint latest")
+                    return False
+            return True
+        finally:
+            progress.close()
+            self.step_log.close()
+
+    def record(self, summary, sample_ids, progress) -> None:
+        """Count the step, check it and the data, and show it: steps.jsonl, progress bar, trackers."""
+        state = self.state
+        state["step"] += 1
+        state["tokens_seen"] += summary.tokens
+        state["samples_seen"] += summary.samples
+        state["losses"].append(summary.loss if summary.finite else float("nan"))
+        self.skipped_examples = skip_counts(summary.skipped)
+        record = summary.record(state["step"])
+        if self.options.log_sample_ids:
+            record["sample_ids"] = gather_object([sample_ids])
+        self.step_log.append(record)
+        self.count_bad_steps(summary)
+        self.guard.check(summary.samples_seen, self.skipped_examples, self.pipeline.skip_examples)
+
+        lr = self.scheduler.get_last_lr()[0]
+        steady_rate = self.clock.recent_steady_rate()
+        postfix = {"loss": f"{summary.loss:.3g}", "lr": f"{lr:.2g}",
+                   "tok/s": "warm-up" if steady_rate is None else f"{steady_rate:.3g}"}
+        mfu = self.clock.mfu(steady_rate)
+        if mfu is not None:
+            postfix["mfu"] = f"{mfu:.1%}"
+        postfix["skipped"] = sum(self.skipped_examples.values())
+        if state["skipped_steps"]:
+            postfix["bad_steps"] = state["skipped_steps"]
+        progress.update(1)
+        progress.set_postfix(postfix, refresh=False)
+        if self.args.report_to != "none" and state["step"] % self.args.log_every == 0:
+            logs = {"loss": summary.loss, "lr": lr, **self.clock.last_step(),
+                    "skipped_examples": sum(self.skipped_examples.values()), "skipped_steps": state["skipped_steps"],
+                    **{f"skipped/{reason}": count for reason, count in self.skipped_examples.items()}}
+            if summary.grad_norm is not None:
+                logs["grad_norm"] = summary.grad_norm
+            if steady_rate is not None:
+                logs["tokens_per_s_steady"] = steady_rate
+            self.accelerator.log({k: v for k, v in logs.items() if v is not None}, step=state["step"])
+
+    def count_bad_steps(self, summary) -> None:
+        if summary.finite:
+            self.consecutive_bad = 0
+            return
+        self.state["skipped_steps"] += 1
+        self.consecutive_bad += 1
+        if self.consecutive_bad >= self.args.max_bad_steps:
+            raise RuntimeError(f"{self.consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                               f"(last at step {self.state['step']}); stopping. Lower the learning rate?")
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """Every rank's skip counts by reason, summed (a collective: every rank calls it)."""
+        total: Counter[str] = Counter()
+        for counts in gather_object([dict(self.pipeline.skipped)]):
+            total.update(counts)
+        return dict(total)

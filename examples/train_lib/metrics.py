@@ -1,0 +1,187 @@
+"""What the training loop measures: step times and the steady state after compilation, MFU, and `steps.jsonl`.
+
+Steady state. The first steps of a run are slow for reasons that say nothing about the run's speed: torch.compile
+traces and compiles (each new shape or graph break again), CUDA and the allocator warm up, loader workers start.
+`StepClock` calls a step warm-up while torch._dynamo's compile counters still move, and at least
+`MIN_WARMUP_STEPS`; the steps after the last one that compiled are steady, and the run's speed is the median of
+theirs, with p10 and p90 for the spread. `compile_seconds` is the time from the loop's start to the first steady
+step; `graph_count` the number of graphs Dynamo compiled.
+
+`steps.jsonl` (one JSON object per optimizer step, written by the job's main process) proves that a resumed run
+saw the same data as an uninterrupted one: each line holds the step's loss and a digest of the sample ids every
+rank trained on (see `step_sync`). A resumed run first drops the lines after its checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+MIN_WARMUP_STEPS = 3
+# The progress bar's running figures cover at most this many recent steady steps.
+RECENT_STEPS = 100
+
+
+def compile_counters() -> tuple[int, ...]:
+    """What moves whenever torch.compile compiles something: frames traced, graphs, AOT and Inductor compilations."""
+    from torch._dynamo.utils import counters
+
+    return (
+        sum(counters["frames"].values()),
+        sum(counters["stats"].values()),
+        sum(counters["aot_autograd"].values()),
+        sum(counters["inductor"].values()),
+    )
+
+
+def graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def spread(values) -> dict | None:
+    """Median with p10 and p90: the typical value and how much it moves."""
+    if len(values) == 0:
+        return None
+    p10, median, p90 = np.percentile(np.asarray(values, dtype=np.float64), [10, 50, 90])
+    return {"p10": float(p10), "median": float(median), "p90": float(p90)}
+
+
+def model_flops_utilization(tokens_per_second: float, flops_per_token: float, peak_flops_per_device: float | None,
+                            num_processes: int) -> float | None:
+    """Achieved model FLOP/s over the peak of all devices; None where the device's peak is unknown (CPU)."""
+    if not peak_flops_per_device:
+        return None
+    return tokens_per_second * flops_per_token / (peak_flops_per_device * num_processes)
+
+
+class StepClock:
+    """Wall time and global tokens of each step this process ran, and which of them are steady (see the module doc).
+
+    Times are host times between the ends of consecutive steps' host syncs, so on a GPU they include the device's
+    work; checkpoint saves and evaluations happen between steps and are not counted.
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops_per_device: float | None, num_processes: int):
+        self.flops_per_token, self.peak, self.num_processes = flops_per_token, peak_flops_per_device, num_processes
+        self.loop_start = time.perf_counter()
+        self.starts: list[float] = []
+        self.seconds: list[float] = []
+        self.tokens: list[int] = []
+        self.last_compiling_step = 0  # steps counted from 1 in this process; 0: none compiled
+        self._counters = compile_counters()
+        self._tick = None
+
+    def start_step(self) -> None:
+        self._tick = time.perf_counter()
+
+    def end_step(self, tokens: int) -> None:
+        self.starts.append(self._tick)
+        self.seconds.append(time.perf_counter() - self._tick)
+        self.tokens.append(tokens)
+        counters = compile_counters()
+        if counters != self._counters:
+            self.last_compiling_step, self._counters = len(self.seconds), counters
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(MIN_WARMUP_STEPS, self.last_compiling_step)
+
+    def tokens_per_second(self, first: int = 0) -> np.ndarray:
+        return np.asarray(self.tokens[first:], dtype=np.float64) / np.asarray(self.seconds[first:], dtype=np.float64)
+
+    def mfu(self, tokens_per_second: float | None) -> float | None:
+        if tokens_per_second is None:
+            return None
+        return model_flops_utilization(tokens_per_second, self.flops_per_token, self.peak, self.num_processes)
+
+    def last_step(self) -> dict:
+        """This step's own figures, for the trackers: warm-up steps included, marked as such."""
+        rate = self.tokens[-1] / self.seconds[-1]
+        return {"tokens_per_s": rate, "mfu": self.mfu(rate), "step_seconds": self.seconds[-1],
+                "warmup": len(self.seconds) <= self.warmup_steps}
+
+    def recent_steady_rate(self) -> float | None:
+        """Median tokens/s over the recent steady steps (the progress bar's figure); None during the warm-up."""
+        first = max(self.warmup_steps, len(self.seconds) - RECENT_STEPS)
+        rates = self.tokens_per_second(first)
+        return float(np.median(rates)) if len(rates) else None
+
+    def summary(self) -> dict:
+        """report.json's speed figures: the steady state's spread, the warm-up's cost, the graphs compiled."""
+        warmup = self.warmup_steps
+        rates = self.tokens_per_second(warmup)
+        steady_rate = spread(rates)
+        mfu = None
+        if steady_rate is not None and self.mfu(1.0) is not None:
+            mfu = {key: self.mfu(value) for key, value in steady_rate.items()}
+        return {
+            "tokens_per_second_steady": None if steady_rate is None else steady_rate["median"],
+            "mfu_steady": None if mfu is None else mfu["median"],
+            "steady_state": {
+                "warmup_steps": min(warmup, len(self.seconds)),
+                "steps": len(rates),
+                "step_seconds": spread(self.seconds[warmup:]),
+                "tokens_per_second": steady_rate,
+                "mfu": mfu,
+            },
+            "compile_seconds": (self.starts[warmup] - self.loop_start) if len(self.starts) > warmup else None,
+            "graph_count": graph_count(),
+        }
+
+
+class StepLog:
+    """Appends one line per optimizer step to `steps.jsonl`; only the job's main process writes (`enabled`).
+
+    Opening it keeps the lines of steps up to `resumed_step` (0 for a fresh run) and drops the rest: those of a
+    run killed after its last checkpoint, which the resumed run does again, and a line cut short by the kill.
+    """
+
+    def __init__(self, output_dir: str, resumed_step: int, enabled: bool):
+        self.path = os.path.join(output_dir, "steps.jsonl")
+        self.file = None
+        if not enabled:
+            return
+        kept = [line for line in self._lines() if _step_of(line) is not None and _step_of(line) <= resumed_step]
+        os.makedirs(output_dir, exist_ok=True)
+        partial = self.path + ".partial"
+        with open(partial, "w") as f:
+            f.writelines(kept)
+        os.replace(partial, self.path)  # a kill now leaves the old file or the new one, never half of each
+        self.file = open(self.path, "a")  # noqa: SIM115 - open for the whole run, closed by close()
+
+    def _lines(self) -> list[str]:
+        try:
+            with open(self.path) as f:
+                return f.readlines()
+        except FileNotFoundError:
+            return []
+
+    def append(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()  # a killed run loses no finished step's line
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _step_of(line: str) -> int | None:
+    if not line.endswith("\n"):
+        return None  # cut short
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_steps(output_dir: str) -> list[dict]:
+    """The records of `steps.jsonl`, in order."""
+    with open(os.path.join(output_dir, "steps.jsonl")) as f:
+        return [json.loads(line) for line in f]

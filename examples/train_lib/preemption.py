@@ -1,0 +1,44 @@
+"""Stopping on a scheduler's SIGTERM: finish the step, save a checkpoint, exit 0.
+
+A cluster scheduler pre-empts a job with `kill -TERM -PGID`: the signal reaches every process of the group, the
+data loader's workers included. The training process only notes the request (`StopRequested`); the loop folds it
+into the step's one collective, so that every rank stops after the same step, then saves and returns.
+
+The workers must outlive the signal: torch installs a handler in each worker that dies on a SIGTERM not sent by
+its parent, and the trainer's next batch would then fail ("DataLoader worker (pid N) is killed by signal:
+Terminated") before any checkpoint. `keep_workers_through_sigterm` makes them ignore it; they still end when the
+main process shuts the loader down, and on their own if it dies (torch's worker watchdog).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+
+
+class StopRequested:
+    """SIGTERM asks for a checkpoint and a clean exit at the end of the current step (this process's view)."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _ignore_sigterm(worker_init_fn, worker_id: int) -> None:
+    # Runs after torch's own worker signal set-up, so this disposition is the one that stays.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def keep_workers_through_sigterm(loader) -> None:
+    """Make the loader's worker processes ignore SIGTERM (see the module docstring); call before iterating.
+
+    `loader` is a `processing.data.PackedDataLoader` (its torch loader is `.loader`) or a torch DataLoader.
+    """
+    torch_loader = getattr(loader, "loader", loader)
+    if getattr(torch_loader, "num_workers", 0):
+        torch_loader.worker_init_fn = functools.partial(_ignore_sigterm, torch_loader.worker_init_fn)

@@ -1,0 +1,82 @@
+"""The collective that ends every training step: each rank's step summary, all-gathered in one small vector.
+
+Each rank puts its figures for the step into a float64 vector on its device: its part of the loss and the gradient
+norm (device tensors, never read on the host before this), then host-side numbers (tokens, samples, how many
+sample ids, samples and skipped examples so far, whether SIGTERM arrived) and a digest of its sample ids. One
+all-gather and one copy to the host later (the step's only host sync), every rank holds every rank's row and so
+takes the same decisions: skip the optimizer step when any rank's loss or the gradient norm is not finite, stop
+when any rank was asked to, raise when the data is mostly bad.
+
+The digest of a step is sha1 over the ranks' own sha1s of their sample-id lists, in rank order: two runs trained
+on the same samples in the same places exactly when their digests agree. Each rank's sha1 travels as five 32-bit
+words, which float64 holds exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+HOST_FIELDS = ("tokens", "samples", "sample_ids", "samples_seen", "stop")
+DIGEST_WORDS = 5  # sha1's 160 bits
+
+
+def sample_ids_digest(sample_ids: list) -> bytes:
+    return hashlib.sha1(json.dumps(sample_ids, separators=(",", ":")).encode()).digest()
+
+
+@dataclass
+class StepSummary:
+    """One step, summed over the ranks."""
+
+    loss: float  # the global mean loss per target token (NaN if any rank's was not finite)
+    grad_norm: float | None  # None where the backend clips inside its own step (DeepSpeed)
+    finite: bool  # every rank's loss and the gradient norm are finite: the optimizer step may run
+    tokens: int  # real (non-pad) tokens
+    samples: int
+    sample_ids: int
+    samples_seen: int  # samples the loaders have yielded since the run began (across resumes)
+    skipped: list[int]  # examples skipped since the run began, by reason (the caller's order)
+    stop: bool  # some rank received SIGTERM
+    digest: str
+
+    def record(self, step: int) -> dict:
+        """The step's line in steps.jsonl (JSON has no NaN: a non-finite loss is null)."""
+        return {"step": step, "loss": self.loss if math.isfinite(self.loss) else None, "digest": self.digest,
+                "ids": self.sample_ids, "tokens": self.tokens}
+
+
+def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: int, samples: int, sample_ids: list,
+                        samples_seen: int, skipped: list[int], stop: bool) -> StepSummary:
+    """All-gather every rank's figures for the step (one collective, one host sync) and sum them."""
+    device = accelerator.device
+    norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, device=device)
+    on_device = torch.stack([loss.detach().to(device, torch.float64), norm.detach().to(torch.float64)])
+    words = struct.unpack(f">{DIGEST_WORDS}I", sample_ids_digest(sample_ids))
+    host = [tokens, samples, len(sample_ids), samples_seen, float(stop), *skipped, *words]
+    vector = torch.cat([on_device, torch.tensor(host, dtype=torch.float64).to(device)])
+    rows = accelerator.gather(vector).cpu().view(accelerator.num_processes, -1)  # the host sync
+    losses, norms = rows[:, 0], rows[:, 1]
+    columns = {name: rows[:, 2 + i] for i, name in enumerate(HOST_FIELDS)}
+    skip_start = 2 + len(HOST_FIELDS)
+    skipped_by_rank = rows[:, skip_start : skip_start + len(skipped)]
+    rank_digests = rows[:, skip_start + len(skipped) :].to(torch.int64).tolist()
+    digest = hashlib.sha1(b"".join(struct.pack(f">{DIGEST_WORDS}I", *words) for words in rank_digests)).hexdigest()
+    finite = bool(torch.isfinite(losses).all()) and (grad_norm is None or bool(torch.isfinite(norms).all()))
+    return StepSummary(
+        loss=float(losses.sum()),
+        grad_norm=None if grad_norm is None else float(norms.max()),  # equal on all ranks: synchronised gradients
+        finite=finite,
+        tokens=int(columns["tokens"].sum()),
+        samples=int(columns["samples"].sum()),
+        sample_ids=int(columns["sample_ids"].sum()),
+        samples_seen=int(columns["samples_seen"].sum()),
+        skipped=[int(count) for count in skipped_by_rank.sum(dim=0).tolist()],
+        stop=bool(columns["stop"].any()),
+        digest=digest,
+    )
