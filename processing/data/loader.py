@@ -174,7 +174,8 @@ class PackedDataLoader:
                 f"re-dealt to other readers. Resume with {saved['world_size']} processes and num_workers "
                 f"{saved['num_workers']}, or load the data set without streaming (map-style data can be re-dealt)."
             )
-        old_deal = Deal.from_state(states[0]["deal"], self.stream.deal.size, self.config.seed, self.config.shuffle)
+        config = self.config
+        old_deal = Deal.from_state(states[0]["deal"], self.stream.deal.size, config.seed, config.shuffle)
         progress = [
             reader_progress(worker_state, reader_index(rank, saved["world_size"], worker), old_deal)
             for rank, state in enumerate(states)
@@ -183,7 +184,11 @@ class PackedDataLoader:
         if sorted(p.reader for p in progress) != list(range(old_deal.readers)):
             readers = sorted(p.reader for p in progress)
             raise ValueError(f"the saved states hold readers {readers}, not the {old_layout} of their layout")
-        self.stream.deal = redeal(old_deal, progress, self.stream.deal.readers, self.config.num_epochs)
+        if all(state["loader"].get("_iterator_finished") for state in states):
+            # Every rank had ended its pass; torchdata starts the next pass afresh, and so does a re-deal.
+            self.stream.deal = Deal(old_deal.size, self.stream.deal.readers, config.seed, config.shuffle)
+        else:
+            self.stream.deal = redeal(old_deal, progress, self.stream.deal.readers, config.num_epochs)
         self.stream.load_state_dict({})
         self.loader.load_state_dict({})  # a fresh start of every worker, under the new deal
         first = self.stream.rank == 0  # the old ranks' counts go to one new rank, so that sums stay right
