@@ -1,40 +1,64 @@
 """The processor: text with `<|image|>` placeholders plus images in, exactly the model's inputs out.
 
 Each placeholder becomes `<|begin_of_image|>` + `<|image|>` × n + `<|end_of_image|>`, where n is the image's token
-count after the model's k×k merge, and the images become SigLIP2 NaFlex patches (see the image processor). Three
-entry points, all returning the same keys:
+count after the model's k×k merge, and the images become SigLIP2 NaFlex patches (see the image processor). Entry
+points, all returning the same keys:
 
-- `processor(text=..., images=...)`: a batch, for inference and plain captioning data;
+- `processor(text=..., images=..., **kwargs)`: a batch, for inference and plain captioning data. It takes the keyword
+  arguments of transformers' processors (`padding`, `truncation`, `max_length`, `pad_to_multiple_of`, `padding_side`,
+  `return_tensors`, `return_attention_mask`, `add_special_tokens`, `text_kwargs={...}`, `images_kwargs={...}`),
+  merged by `ProcessorMixin._merge_kwargs`, plus `return_labels` and `split_special_tokens`;
+- `processor.apply_chat_template(chats, tokenize=True, return_dict=True, ...)`: chats, with
+  `return_assistant_tokens_mask=True` giving `assistant_masks` from the template's `{% generation %}` blocks;
 - `processor.process_sample(text, images)`: one example, unpadded, for the packing collator;
 - `processor.build_sft_sample(messages)`: one chat, with labels on the assistant turns only, for fine-tuning.
+
+Text is data. A special-token string inside the text or a chat message (`<|end_of_text|>`, `<|eot_id|>`,
+`<|begin_of_image|>`, ...) is encoded as the characters it is written with, never as that control token; only
+`<|image|>` keeps its meaning, the place of an image. Control tokens come from the processor (bos, each image's boi and
+eoi, `append_eos`) and from the chat template's own text (headers, `<|eot_id|>`). `split_special_tokens=False` opts
+out, for trusted text whose special-token strings are meant, such as a prompt rendered by
+`apply_chat_template(..., tokenize=False)`.
+
+Truncation (`truncation=True, max_length=M`, on the tokenizer's `truncation_side`) cuts text only: where keeping M
+tokens would drop any token of an image (its boi, image tokens or eoi), the call raises a ValueError naming the sample
+and the length it needs. transformers' own processors raise too when truncation removes image tokens; the model must
+never see part of an image, or an image without its tokens.
 
 Shape letters: B samples, S tokens per sample (padded), N images in the batch, L patches per image, D values per patch.
 
 This file travels to the Hub with the model: it imports only torch, numpy, transformers and its siblings.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import AddedToken
 from transformers.image_processing_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs
+from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
+
+from .image_processing_llama3_siglip2 import Llama3Siglip2ImagesKwargs
+
+logger = logging.get_logger(__name__)
 
 IMAGE_TOKEN = "<|image|>"
 BEGIN_OF_IMAGE_TOKEN = "<|begin_of_image|>"
 END_OF_IMAGE_TOKEN = "<|end_of_image|>"
 PAD_TOKEN = "<|pad|>"
+END_OF_TEXT_TOKEN = "<|end_of_text|>"
 # Llama 3.1+ tokenizers ship this reserved token for padding; using it adds no embedding row.
 LLAMA3_PAD_TOKEN = "<|finetune_right_pad_id|>"
 IGNORE_INDEX = -100
 
 # Llama 3's template, with image parts and a `{% generation %}` block around what the assistant says (its text and
-# <|eot_id|>, so that the model learns to stop), which is where `build_sft_sample` puts labels.
+# <|eot_id|>, so that the model learns to stop): the tokens `return_assistant_tokens_mask` marks, where
+# `build_sft_sample` puts labels.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- macro render_content(content) -%}"
     "{%- if content is string -%}{{ content | trim }}"
@@ -55,6 +79,56 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 _TEMPLATE_LITERAL_TOKENS = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
+# Private-use characters around the special-token strings of chat messages while the template renders, so that the
+# encoder can tell them (text) from the template's own control tokens. Any already in a message are removed first.
+_MARK_START, _MARK_END = "\U000f1000", "\U000f1001"
+_MARKED = re.compile(f"{_MARK_START}(.*?){_MARK_END}", re.DOTALL)
+_STRAY_MARK = re.compile(f"[{_MARK_START}{_MARK_END}]")
+
+# Tokenizer options the processor does not offer: each would return something the model cannot take.
+_UNSUPPORTED_TEXT_KWARGS = (
+    "text_pair", "text_target", "text_pair_target", "is_split_into_words", "return_overflowing_tokens", "stride",
+    "return_special_tokens_mask", "return_length", "return_token_type_ids",
+)
+_IMAGE_PROCESSOR_KWARGS = (
+    "patch_size", "merge_size", "min_patches", "max_patches", "image_mean", "image_std", "resample", "padding",
+)
+# Text kwargs that, passed flat, go to the tokenizer only: transformers would also hand `padding=True` or
+# `max_length` to the image processor, whose `padding` means how to pad patches.
+_TEXT_ONLY_KWARGS = frozenset(TextKwargs.__annotations__) - {
+    "return_tensors", "return_mm_token_type_ids", "return_text_replacement_offsets",
+}
+
+
+class Llama3Siglip2ProcessorKwargs(ProcessingKwargs, total=False):
+    """transformers' processor kwargs, our image processor's, and two of ours.
+
+    split_special_tokens: encode special-token strings in the text as text (default True; see the module docstring).
+    return_labels: also return `labels`, `input_ids` with image, boi, eoi and padding positions at -100.
+    """
+
+    images_kwargs: Llama3Siglip2ImagesKwargs
+    split_special_tokens: bool
+    return_labels: bool
+
+
+_PROCESSOR_CALL_KWARGS = (
+    frozenset(TextKwargs.__annotations__)
+    | frozenset(ImagesKwargs.__annotations__)
+    | frozenset(Llama3Siglip2ImagesKwargs.__annotations__)
+    | frozenset(Llama3Siglip2ProcessorKwargs.__annotations__)
+)
+
+
+@dataclass
+class _Row:
+    """One sample's tokens while they are built: ids, character offsets, and where the images are."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    in_image: list[bool] = field(default_factory=list)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+
 
 class Llama3Siglip2Processor(ProcessorMixin):
     """A tokenizer and a `Llama3Siglip2ImageProcessor`, with the image tokens added to the tokenizer if missing.
@@ -67,6 +141,11 @@ class Llama3Siglip2Processor(ProcessorMixin):
     standalone one with an `AutoImageProcessor` auto_map its pipelines guess a remote video processor and stop to
     ask whether to trust remote code.
     """
+
+    valid_processor_kwargs = Llama3Siglip2ProcessorKwargs
+    # Defaults of the processor-level kwargs (the lowest priority in `_merge_kwargs`).
+    split_special_tokens = True
+    return_labels = False
 
     def __init__(
         self,
@@ -106,6 +185,8 @@ class Llama3Siglip2Processor(ProcessorMixin):
             self.tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = PAD_TOKEN
+        if self.tokenizer.eos_token is None and self._token_id(END_OF_TEXT_TOKEN) is not None:
+            self.tokenizer.eos_token = END_OF_TEXT_TOKEN  # the end of a sample, for `append_eos`
 
     def __call__(
         self,
@@ -113,15 +194,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         videos: Any = None,
         audio: Any = None,
-        *,
-        return_tensors: str | None = None,
-        return_labels: bool = False,
-        padding: bool | str = False,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        add_special_tokens: bool = True,
-        images_kwargs: dict | None = None,
+        **kwargs,
     ) -> BatchFeature:
         """Tokenize `text` with each `<|image|>` expanded for its image, and process the images.
 
@@ -129,65 +202,64 @@ class Llama3Siglip2Processor(ProcessorMixin):
             images: a flat list of images in placeholder order across the batch, or one list per sample, or one
                 image. Anything `load_image` accepts.
             text: a string or a list of strings (the batch).
-            return_labels: also return `labels`: `input_ids` with image, boi, eoi and padding positions at -100.
-            padding, max_length, pad_to_multiple_of, padding_side: as for the tokenizer.
-            images_kwargs: passed to the image processor, e.g. `{"padding": "longest"}`.
+            **kwargs: `Llama3Siglip2ProcessorKwargs`: the tokenizer's `padding`, `truncation`, `max_length`,
+                `pad_to_multiple_of`, `padding_side`, `add_special_tokens`, `return_attention_mask`,
+                `return_offsets_mapping`, `return_tensors`; `images_kwargs` for the image processor (e.g.
+                `{"padding": "longest"}`); `text_kwargs`; `return_mm_token_type_ids`; `return_labels`: also return
+                `labels` (`input_ids` with image, boi, eoi and padding positions at -100); `split_special_tokens`
+                (default True): special-token strings in `text` are text, `<|image|>` excepted.
 
         Returns `input_ids (B, S)`, `attention_mask (B, S)`, optionally `labels (B, S)`, and, when there are images,
         `pixel_values (N, L, D)`, `pixel_attention_mask (N, L)` and `spatial_shapes (N, 2)`.
         """
         if videos is not None or audio is not None:
             raise ValueError("Llama3Siglip2Processor takes text and images only, not videos or audio")
-        images_kwargs = dict(images_kwargs or {})
+        settings, images_kwargs, split = self._call_settings(kwargs)
         if text is None:
             if images is None:
                 raise ValueError("Llama3Siglip2Processor needs text, images or both")
-            return BatchFeature(self._process_images(images, return_tensors, images_kwargs))
+            return BatchFeature(self._process_images(images, settings["return_tensors"], images_kwargs))
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(sample, str) for sample in texts):
             raise TypeError("text must be a string or a list of strings")
         images_per_sample = self._images_per_sample(texts, images)
+        if split:
+            self._warn_on_template_tokens(texts)
+        samples = [self._text_segments(sample, split) for sample in texts]
+        return self._encode_batch(samples, images_per_sample, images_kwargs, **settings)
 
-        data: dict[str, Any] = {}
-        tokens_per_image: list[int] = []
-        flat_images = [image for sample in images_per_sample for image in sample]
-        if flat_images:
-            data = self._process_images(flat_images, return_tensors, images_kwargs)
-            tokens_per_image = self.image_processor.num_image_tokens(
-                data["spatial_shapes"], images_kwargs.get("merge_size")
-            )
-        token_rows = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        # Every text token is its own label; the expansion puts -100 on the image tokens.
-        rows, labels = self._expand_image_tokens(token_rows, token_rows, images_per_sample, tokens_per_image)
-
-        padded = self.tokenizer.pad(
-            {"input_ids": rows},
-            padding=padding,
-            max_length=max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side,
-        )
-        side = padding_side or self.tokenizer.padding_side
-        text_data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
-        if return_labels:
-            text_data["labels"] = [
-                _pad_labels(row_labels, len(row), side) for row_labels, row in zip(labels, padded["input_ids"])
-            ]
-        return BatchFeature({**BatchFeature(text_data, tensor_type=return_tensors), **data})
-
-    def process_sample(self, text: str, images: Sequence[Any] | None = None, add_special_tokens: bool = True):
+    def process_sample(
+        self,
+        text: str,
+        images: Sequence[Any] | None = None,
+        add_special_tokens: bool = True,
+        *,
+        append_eos: bool = False,
+        split_special_tokens: bool = True,
+    ) -> BatchFeature:
         """One example for the packing collator: unpadded `(1, T)` tokens with `labels`, images padded to the longest.
 
-        `labels` are `input_ids` with image, boi and eoi at -100. Returns the keys of `__call__` (pixel keys only
-        where there are images) as torch tensors.
+        `labels` are `input_ids` with image, boi and eoi at -100. `append_eos` ends the sample with the tokenizer's
+        eos token (a control token, labelled). Special-token strings in `text` are text, except `<|image|>` and one
+        `eos_token` string at the very end, read as `append_eos=True`: the end marker the caption formats of the data
+        pipeline append. Returns the keys of `__call__` (pixel keys only where there are images) as torch tensors.
         """
-        return self(
-            text=[text],
-            images=[list(images or [])],
-            return_tensors="pt",
-            return_labels=True,
+        eos = self.tokenizer.eos_token
+        if split_special_tokens and eos and text.endswith(eos):
+            text, append_eos = text[: -len(eos)], True
+        if append_eos and eos is None:
+            raise ValueError("append_eos=True but the tokenizer has no eos_token")
+        images_per_sample = self._images_per_sample([text], [list(images or [])])
+        segments = self._text_segments(text, split_special_tokens)
+        if append_eos:
+            segments.append(("trusted", eos, len(text)))
+        return self._encode_batch(
+            [segments],
+            images_per_sample,
+            {"padding": "longest"},
             add_special_tokens=add_special_tokens,
-            images_kwargs={"padding": "longest"},
+            return_labels=True,
+            return_tensors="pt",
         )
 
     def build_sft_sample(
@@ -195,56 +267,148 @@ class Llama3Siglip2Processor(ProcessorMixin):
         messages: Sequence[dict],
         images: Sequence[Any] | None = None,
         chat_template: str | None = None,
+        *,
+        split_special_tokens: bool = True,
     ) -> BatchFeature:
         """One chat for supervised fine-tuning: `labels` on the assistant turns only, everything else -100.
 
         `messages` are `{"role", "content"}` dicts whose content is a string or a list of `{"type": "text", "text"}`
         and `{"type": "image"}` parts. An image part may carry its image under "image" (or "path"); the others take
         the next of `images`, in order. The labels cover what the chat template marks with `{% generation %}`: for
-        the default template, the assistant's text and its `<|eot_id|>`. Returns the keys of `process_sample`.
+        the default template, the assistant's text and its `<|eot_id|>`. Special-token strings in the messages are
+        text unless `split_special_tokens=False`. Returns the keys of `process_sample`.
         """
-        template = chat_template or self.chat_template
-        self._check_template_tokens(template)
+        template = self._resolve_template(chat_template)
         chat_images = _images_of_messages(messages, images)
-        rendered, generation_spans = render_jinja_template(
-            conversations=[list(messages)],
-            chat_template=template,
-            return_assistant_tokens_mask=True,
-            **self._template_kwargs(),
-        )
-        if not generation_spans[0]:
+        rendered, spans = self._render_chats([list(messages)], template, split_special_tokens, assistant_mask=True)
+        if not spans[0]:
             raise ValueError(
                 "the chat has no assistant turn to learn from (or the chat template has no {% generation %} block)"
             )
-        encoding = self.tokenizer(rendered[0], add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-        labels = [
-            token if token != self.image_token_id and _overlaps(offset, generation_spans[0]) else IGNORE_INDEX
-            for token, offset in zip(ids, offsets)
-        ]
-        data: dict[str, Any] = {}
-        tokens_per_image: list[int] = []
-        if chat_images:
-            data = self._process_images(chat_images, "pt", {"padding": "longest"})
-            tokens_per_image = self.image_processor.num_image_tokens(data["spatial_shapes"])
-        rows, label_rows = self._expand_image_tokens([ids], [labels], [chat_images], tokens_per_image)
-        text_data = {"input_ids": rows, "attention_mask": [[1] * len(rows[0])], "labels": label_rows}
-        return BatchFeature({**BatchFeature(text_data, tensor_type="pt"), **data})
+        out = self._encode_batch(
+            [_chat_segments(rendered[0])],
+            [chat_images],
+            {"padding": "longest"},
+            generation_spans=spans,
+            add_special_tokens=False,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+        )
+        assistant = out.pop("assistant_masks").bool()
+        labels = torch.where(assistant, out["input_ids"], torch.full_like(out["input_ids"], IGNORE_INDEX))
+        return BatchFeature({"input_ids": out.pop("input_ids"), "attention_mask": out.pop("attention_mask"),
+                             "labels": labels, **out})
 
-    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
-        """transformers' `apply_chat_template`, with our image token in the template and a check of its tokens.
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        return_assistant_tokens_mask: bool = False,
+        tokenize: bool = False,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        processor_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Render one chat or a batch of chats with the chat template; with `tokenize=True`, also encode them.
 
-        For labels on assistant turns use `build_sft_sample`: the image-token expansion happens after
-        tokenization here, which transformers' `return_assistant_tokens_mask` does not follow in every version.
+        As transformers' `ProcessorMixin.apply_chat_template`, with the image token given to the template, a check
+        that its `<|...|>` tokens are tokens of the tokenizer, and `split_special_tokens` (default True, in
+        `processor_kwargs`): special-token strings in the messages are text, the template's own tokens control
+        tokens. Images come from the image parts ("image", "path" or "url"), or, for parts without one, from
+        `processor_kwargs["images"]` (a list per chat). `return_assistant_tokens_mask=True` (with `tokenize=True,
+        return_dict=True`) adds `assistant_masks (B, S)`: 1 on the tokens inside the template's `{% generation %}`
+        blocks, 0 elsewhere, on image tokens and on padding. Keyword arguments that are processor kwargs (`padding`,
+        `truncation`, `max_length`, ...) go to the processor, the others to the template.
         """
-        if kwargs.get("return_assistant_tokens_mask"):
-            raise ValueError("return_assistant_tokens_mask is not supported; use processor.build_sft_sample(messages)")
+        template = self._resolve_template(chat_template)
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        )
+        chats = [getattr(chat, "messages", chat) for chat in (conversation if batched else [conversation])]
+        # As transformers does: a None-valued key (OpenAI's content=None, a missing column in a dataset) is absent.
+        chats = [[{k: v for k, v in message.items() if v is not None} for message in chat] for chat in chats]
+        processor_kwargs = dict(processor_kwargs or {})
+        template_kwargs = {}
+        for key, value in kwargs.items():
+            (processor_kwargs if key in _PROCESSOR_CALL_KWARGS else template_kwargs)[key] = value
+        render = dict(tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=continue_final_message, **template_kwargs)
+        if not tokenize:
+            rendered, _ = self._render_chats(chats, template, False, **render)
+            return rendered if batched else rendered[0]
+
+        given_images = processor_kwargs.pop("images", None)
+        given_per_chat = given_images if batched and given_images is not None else [given_images] * len(chats)
+        chat_images = [_images_of_messages(chat, given) for chat, given in zip(chats, given_per_chat)]
+        if return_tensors not in (None, "auto"):
+            processor_kwargs["return_tensors"] = return_tensors
+        settings, images_kwargs, split = self._call_settings(processor_kwargs)
+        rendered, spans = self._render_chats(chats, template, split, return_assistant_tokens_mask, **render)
+        bos = self.tokenizer.bos_token
+        if bos and all(_STRAY_MARK.sub("", chat).startswith(bos) for chat in rendered):
+            settings["add_special_tokens"] = False  # the template wrote it
+        out = self._encode_batch(
+            [_chat_segments(chat) for chat in rendered],
+            chat_images,
+            images_kwargs,
+            generation_spans=spans if return_assistant_tokens_mask else None,
+            return_assistant_tokens_mask=return_assistant_tokens_mask,
+            **settings,
+        )
+        return out if return_dict else out["input_ids"]
+
+    # Settings and templates.
+
+    def _call_settings(self, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """Merge call kwargs the transformers way; returns (text settings for `_encode_batch`, image kwargs, split)."""
+        kwargs = dict(kwargs)
+        explicit_image_kwargs = dict(kwargs.get("images_kwargs") or {})
+        flat_text = {key: kwargs.pop(key) for key in list(kwargs) if key in _TEXT_ONLY_KWARGS}
+        if flat_text:
+            nested = dict(kwargs.get("text_kwargs") or {})
+            if twice := sorted(set(nested) & set(flat_text)):
+                raise ValueError(f"{', '.join(twice)} given both as a keyword argument and in text_kwargs")
+            kwargs["text_kwargs"] = {**nested, **flat_text}
+        merged = self._merge_kwargs(
+            Llama3Siglip2ProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs = dict(merged["text_kwargs"])
+        if unsupported := sorted(key for key in _UNSUPPORTED_TEXT_KWARGS if text_kwargs.get(key)):
+            raise ValueError(f"Llama3Siglip2Processor does not support {', '.join(unsupported)}")
+        settings = {
+            key: text_kwargs[key]
+            for key in ("add_special_tokens", "padding", "truncation", "max_length", "pad_to_multiple_of",
+                        "padding_side", "return_attention_mask", "return_offsets_mapping", "return_tensors")
+            if text_kwargs.get(key) is not None
+        }
+        settings.setdefault("return_tensors", merged["images_kwargs"].get("return_tensors"))
+        settings["return_labels"] = bool(merged.get("return_labels", self.return_labels))
+        settings["return_mm_token_type_ids"] = bool(
+            merged.get("return_mm_token_type_ids") or text_kwargs.get("return_mm_token_type_ids")
+        )
+        # Only what the image processor takes; its `padding` only from `images_kwargs` (see _TEXT_ONLY_KWARGS).
+        images_kwargs = {
+            key: value for key, value in merged["images_kwargs"].items()
+            if key in _IMAGE_PROCESSOR_KWARGS and key != "padding" and value is not None
+        }
+        if "padding" in explicit_image_kwargs:
+            images_kwargs["padding"] = explicit_image_kwargs["padding"]
+        split = merged.get("split_special_tokens", self.split_special_tokens)
+        return settings, images_kwargs, bool(split)
+
+    def _resolve_template(self, chat_template: str | None) -> str:
         template = chat_template or self.chat_template
+        if isinstance(template, dict):
+            template = template.get(chat_template or "default") if chat_template in (None, *template) else template
+            if isinstance(template, dict):
+                raise ValueError(f"choose one of the processor's chat templates: {', '.join(template)}")
         self._check_template_tokens(template)
-        if isinstance(template, str) and "image_token" in template:
-            # Only for templates that read it: transformers hands other unknown kwargs on to `__call__`.
-            kwargs.setdefault("image_token", self.image_token)
-        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        return template
 
     def _template_kwargs(self) -> dict[str, Any]:
         return {**self.tokenizer.special_tokens_map, "image_token": self.image_token}
@@ -262,6 +426,199 @@ class Llama3Siglip2Processor(ProcessorMixin):
                 f"the chat template uses {', '.join(missing)}, which the tokenizer does not have as special tokens; "
                 f"use a Llama 3 tokenizer or pass a chat_template written for this one"
             )
+
+    def _control_token_pattern(self) -> re.Pattern:
+        """The special tokens that text must not write: every special added token but the image placeholder."""
+        tokens = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        tokens.discard(self.image_token)
+        longest_first = sorted(tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
+
+    def _render_chats(self, chats, template: str, mark: bool, assistant_mask: bool = False, **render):
+        """The chats through the template; with `mark`, their special-token strings wrapped for `_chat_segments`."""
+        if mark:
+            pattern = self._control_token_pattern()
+            chats = [_mark_control_tokens(chat, pattern) for chat in chats]
+        return render_jinja_template(
+            conversations=chats,
+            chat_template=template,
+            return_assistant_tokens_mask=assistant_mask,
+            **{**self._template_kwargs(), **render},
+        )
+
+    def _warn_on_template_tokens(self, texts: list[str]) -> None:
+        if not isinstance(self.chat_template, str):
+            return
+        structural = set(_TEMPLATE_LITERAL_TOKENS.findall(self.chat_template)) - {self.image_token}
+        found = sorted(token for token in structural if any(token in sample for sample in texts))
+        if found:
+            logger.warning_once(
+                f"the text contains {', '.join(found)}, encoded as plain text, not as control tokens: text is data "
+                f"(split_special_tokens=True, the default). For a prompt rendered by apply_chat_template, call "
+                f"apply_chat_template(..., tokenize=True), or pass split_special_tokens=False for trusted text."
+            )
+
+    # Encoding.
+
+    def _text_segments(self, text: str, split: bool) -> list[tuple[str, str, int]]:
+        """(kind, piece, start) pieces of `text`: "text" pieces (special-token strings split), "image" placeholders,
+        or, without `split`, the whole text as one "trusted" piece."""
+        if not split:
+            return [("trusted", text, 0)]
+        segments, start = [], 0
+        for match in re.finditer(re.escape(self.image_token), text):
+            segments += [("text", text[start : match.start()], start), ("image", match.group(), match.start())]
+            start = match.end()
+        return [*segments, ("text", text[start:], start)]
+
+    def _special_tokens_around(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a sequence with `add_special_tokens=True` (bos for Llama 3)."""
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(bare) + 1):
+            if full[start : start + len(bare)] == bare:
+                return full[:start], full[start + len(bare) :]
+        return [], []
+
+    def _tokenize(self, samples: list[list[tuple[str, str, int]]], add_special_tokens: bool) -> list[_Row]:
+        """Encode each sample's pieces (two batched tokenizer calls, one per kind) into one row of ids and offsets."""
+        jobs: dict[str, list[tuple[int, int, str]]] = {"text": [], "trusted": []}
+        for s, segments in enumerate(samples):
+            for k, (kind, piece, _) in enumerate(segments):
+                if kind != "image" and piece:
+                    jobs[kind].append((s, k, piece))
+        encoded = {}
+        for kind in ("text", "trusted"):  # trusted last: the fast tokenizer keeps the last split setting
+            if jobs[kind]:
+                out = self.tokenizer([piece for _, _, piece in jobs[kind]], add_special_tokens=False,
+                                     split_special_tokens=kind == "text", return_offsets_mapping=True)
+                for (s, k, _), ids, offsets in zip(jobs[kind], out["input_ids"], out["offset_mapping"]):
+                    encoded[s, k] = ids, offsets
+        prefix, suffix = self._special_tokens_around() if add_special_tokens else ([], [])
+        rows = []
+        for s, segments in enumerate(samples):
+            row = _Row(list(prefix), [(0, 0)] * len(prefix))
+            for k, (kind, piece, start) in enumerate(segments):
+                if kind == "image":
+                    row.ids.append(self.image_token_id)
+                    row.offsets.append((start, start + len(piece)))
+                elif (s, k) in encoded:
+                    ids, offsets = encoded[s, k]
+                    row.ids += ids
+                    row.offsets += [(start + a, start + b) for a, b in offsets]
+            row.ids += suffix
+            row.offsets += [(0, 0)] * len(suffix)
+            rows.append(row)
+        return rows
+
+    def _expand_image_tokens(self, rows: list[_Row], images_per_sample: list[list[Any]], tokens_per_image: list[int]):
+        """Replace the i-th `<|image|>` id with boi + image × tokens_per_image[i] + eoi, in place."""
+        counts = iter(tokens_per_image)
+        for index, (row, sample_images) in enumerate(zip(rows, images_per_sample)):
+            found = row.ids.count(self.image_token_id)
+            if found != len(sample_images):
+                raise ValueError(
+                    f"sample {index}: {len(sample_images)} images but the tokenizer produced {found} "
+                    f"{self.image_token} tokens; is {self.image_token} a special token of the tokenizer?"
+                )
+            ids, offsets, in_image, spans = [], [], [], []
+            for token, offset in zip(row.ids, row.offsets):
+                if token == self.image_token_id:
+                    n = next(counts)
+                    spans.append((len(ids), len(ids) + n + 2))
+                    ids += [self.boi_token_id] + [self.image_token_id] * n + [self.eoi_token_id]
+                    offsets += [offset] * (n + 2)
+                    in_image += [True] * (n + 2)
+                else:
+                    ids.append(token)
+                    offsets.append(offset)
+                    in_image.append(False)
+            row.ids, row.offsets, row.in_image, row.image_spans = ids, offsets, in_image, spans
+
+    def _truncate(self, row: _Row, max_length: int, index: int) -> _Row:
+        """Keep `max_length` tokens on the tokenizer's truncation side; refuse to cut into (or away) an image."""
+        excess = len(row.ids) - max_length
+        if excess <= 0:
+            return row
+        left = self.tokenizer.truncation_side == "left"
+        low, high = (excess, len(row.ids)) if left else (0, max_length)
+        cut = [n for n, (start, end) in enumerate(row.image_spans) if start < low or end > high]
+        if cut:
+            start, end = row.image_spans[cut[0]]
+            spans = row.image_spans
+            needed = len(row.ids) - min(s for s, _ in spans) if left else max(e for _, e in spans)
+            raise ValueError(
+                f"sample {index}: truncation to max_length={max_length} would cut image {cut[0]} (its {end - start} "
+                f"tokens are positions {start}..{end - 1} of {len(row.ids)}); images are never cut. Use max_length "
+                f">= {needed}, truncation=False, or fewer or smaller images"
+            )
+        keep = slice(low, high)
+        return _Row(row.ids[keep], row.offsets[keep], row.in_image[keep], [(s - low, e - low) for s, e in row.image_spans])
+
+    def _encode_batch(
+        self,
+        samples: list[list[tuple[str, str, int]]],
+        images_per_sample: list[list[Any]],
+        images_kwargs: dict[str, Any],
+        *,
+        generation_spans: list[list[tuple[int, int]]] | None = None,
+        add_special_tokens: bool = True,
+        padding: Any = False,
+        truncation: Any = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        return_offsets_mapping: bool | None = False,
+        return_labels: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        return_mm_token_type_ids: bool = False,
+        return_tensors: str | None = None,
+    ) -> BatchFeature:
+        image_data: dict[str, Any] = {}
+        tokens_per_image: list[int] = []
+        flat_images = [image for sample_images in images_per_sample for image in sample_images]
+        if flat_images:
+            image_data = self._process_images(flat_images, return_tensors, images_kwargs)
+            tokens_per_image = self.image_processor.num_image_tokens(
+                image_data["spatial_shapes"], images_kwargs.get("merge_size")
+            )
+        rows = self._tokenize(samples, add_special_tokens)
+        self._expand_image_tokens(rows, images_per_sample, tokens_per_image)
+        if _truncation_on(truncation):
+            limit = max_length if max_length is not None else self.tokenizer.model_max_length
+            rows = [self._truncate(row, limit, index) for index, row in enumerate(rows)]
+
+        padded = self.tokenizer.pad(
+            {"input_ids": [row.ids for row in rows]},
+            padding=padding,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=True,
+        )
+        side = padding_side or self.tokenizer.padding_side
+        text_data = {"input_ids": padded["input_ids"]}
+        if return_attention_mask is not False:
+            text_data["attention_mask"] = padded["attention_mask"]
+        per_token: dict[str, tuple[list[list[Any]], Any]] = {}
+        if return_labels:
+            per_token["labels"] = [
+                [IGNORE_INDEX if image else token for token, image in zip(row.ids, row.in_image)] for row in rows
+            ], IGNORE_INDEX
+        if return_assistant_tokens_mask:
+            spans = generation_spans or [[] for _ in rows]
+            per_token["assistant_masks"] = [
+                [int(not image and _overlaps(offset, sample_spans)) for offset, image in zip(row.offsets, row.in_image)]
+                for row, sample_spans in zip(rows, spans)
+            ], 0
+        if return_mm_token_type_ids:
+            per_token["mm_token_type_ids"] = [[int(t == self.image_token_id) for t in row.ids] for row in rows], 0
+        if return_offsets_mapping:
+            per_token["offset_mapping"] = [row.offsets for row in rows], (0, 0)
+        for name, (values, fill) in per_token.items():
+            text_data[name] = [_pad(v, len(ids), fill, side) for v, ids in zip(values, padded["input_ids"])]
+        return BatchFeature({**BatchFeature(text_data, tensor_type=return_tensors), **image_data})
 
     def _process_images(self, images: Any, return_tensors: str | None, images_kwargs: dict) -> dict[str, Any]:
         processed = self.image_processor(images, return_tensors=return_tensors, **images_kwargs)
@@ -294,45 +651,53 @@ class Llama3Siglip2Processor(ProcessorMixin):
         starts = np.cumsum([0, *placeholders]).tolist()
         return [list(images[start:end]) for start, end in zip(starts[:-1], starts[1:])]
 
-    def _expand_image_tokens(
-        self,
-        token_rows: list[list[int]],
-        label_rows: list[list[int]],
-        images_per_sample: list[list[Any]],
-        tokens_per_image: list[int],
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Replace the i-th `<|image|>` id with boi + image × tokens_per_image[i] + eoi (labels: all -100)."""
-        counts = iter(tokens_per_image)
-        expanded_rows, expanded_labels = [], []
-        for index, (row, labels, sample_images) in enumerate(zip(token_rows, label_rows, images_per_sample)):
-            found = row.count(self.image_token_id)
-            if found != len(sample_images):
-                raise ValueError(
-                    f"sample {index}: {len(sample_images)} images but the tokenizer produced {found} "
-                    f"{self.image_token} tokens; is {self.image_token} a special token of the tokenizer?"
-                )
-            new_row, new_labels = [], []
-            for token, label in zip(row, labels):
-                if token == self.image_token_id:
-                    n = next(counts)
-                    new_row += [self.boi_token_id] + [self.image_token_id] * n + [self.eoi_token_id]
-                    new_labels += [IGNORE_INDEX] * (n + 2)
-                else:
-                    new_row.append(token)
-                    new_labels.append(label)
-            expanded_rows.append(new_row)
-            expanded_labels.append(new_labels)
-        return expanded_rows, expanded_labels
+
+def _truncation_on(truncation: Any) -> bool:
+    value = getattr(truncation, "value", truncation)
+    if value in ("only_second",):
+        raise ValueError("truncation='only_second' needs text pairs, which Llama3Siglip2Processor does not take")
+    return value not in (None, False, "do_not_truncate")
 
 
-def _pad_labels(labels: list[int], length: int, side: str) -> list[int]:
-    padding = [IGNORE_INDEX] * (length - len(labels))
-    return padding + labels if side == "left" else labels + padding
+def _pad(values: list[Any], length: int, fill: Any, side: str) -> list[Any]:
+    padding = [fill] * (length - len(values))
+    return padding + values if side == "left" else values + padding
 
 
 def _overlaps(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
     start, end = offset
     return any(start < span_end and end > span_start for span_start, span_end in spans)
+
+
+def _mark_control_tokens(obj: Any, pattern: re.Pattern) -> Any:
+    """`obj` (a message, its content, a part) with every special-token string in its strings wrapped in markers."""
+    if isinstance(obj, str):
+        obj = _STRAY_MARK.sub("", obj)
+        return pattern.sub(lambda match: _MARK_START + match.group() + _MARK_END, obj)
+    if isinstance(obj, dict):
+        return {key: _mark_control_tokens(value, pattern) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mark_control_tokens(value, pattern) for value in obj]
+    return obj
+
+
+def _chat_segments(rendered: str) -> list[tuple[str, str, int]]:
+    """(kind, piece, start) pieces of a rendered chat: marked strings from the messages are "text", the rest (the
+    template's own tokens and the messages' plain text) "trusted". Stray markers (a template that split a marked
+    string) are dropped. Starts are positions in `rendered`, the string the generation spans index."""
+    pieces, start = [], 0
+    for match in _MARKED.finditer(rendered):
+        pieces += [("trusted", start, match.start()), ("text", match.start(1), match.end(1))]
+        start = match.end()
+    pieces.append(("trusted", start, len(rendered)))
+    segments = []
+    for kind, begin, end in pieces:
+        cursor = begin
+        for stray in _STRAY_MARK.finditer(rendered, begin, end):
+            segments.append((kind, rendered[cursor : stray.start()], cursor))
+            cursor = stray.end()
+        segments.append((kind, rendered[cursor:end], cursor))
+    return [segment for segment in segments if segment[1]]
 
 
 def _images_of_messages(messages: Sequence[dict], images: Sequence[Any] | None) -> list[Any]:
@@ -357,4 +722,4 @@ def _images_of_messages(messages: Sequence[dict], images: Sequence[Any] | None) 
 
 Llama3Siglip2Processor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "Llama3Siglip2Processor"]
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "Llama3Siglip2Processor", "Llama3Siglip2ProcessorKwargs"]
