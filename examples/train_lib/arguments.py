@@ -1,20 +1,35 @@
 """The training script's settings: three dataclass sections, read from a YAML file and then the command line.
 
-`--config examples/configs/NAME.yaml` gives the file's values; any field can then be overridden on the command line
-(`--max_steps 50`). Both go through transformers' `HfArgumentParser`, so `--help` lists every field with its help.
+Which YAML file supplies the values before the command line overrides them:
+
+    --config FILE.yaml       that file ("" for none);
+    no --config, no model    configs/default.yaml: the toy job (a tiny model from scratch learns the scenes set);
+    no --config, a model     none: a run that names its model (`--model_name_or_path`, or `--text_model` and
+                             `--vision_model`) starts from the defaults below, which are meant for real models.
+
+Defaults that depend on the run are left as None here and settled by `resolve_run_defaults`: the learning rate
+(`default_learning_rate`: 2e-5 for a full fine-tune, 2e-4 with LoRA, 1e-3 for the projector alone, 3e-4 from
+scratch), the patch budget and merge (the encoder's or the saved processor's), the run name and output folder.
+Both the file and the flags go through transformers' `HfArgumentParser`, so `--help` lists every field with its help.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import yaml
 from transformers import HfArgumentParser
 
-# With no --config, the script runs the default job described by this file.
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# With no --config and no model named, the script runs the toy job described by this file.
+DEFAULT_CONFIG = os.path.join(CONFIGS, "default.yaml")
+MODEL_SOURCE_FIELDS = ("model_name_or_path", "text_model", "vision_model")
+
+# The learning rate a run gets when neither its config nor its command line sets one.
+LEARNING_RATES = {"lora": 2e-4, "projector": 1e-3, "fine-tune": 2e-5, "scratch": 3e-4}
+SCRATCH_MAX_PATCHES = 256
 
 
 @dataclass
@@ -24,86 +39,144 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "A saved Llama3Siglip2 folder or hub id."})
     text_model: str | None = field(default=None, metadata={"help": "Llama checkpoint (hub id or folder) to compose."})
     vision_model: str | None = field(default=None, metadata={"help": "SigLIP2 checkpoint (hub id or folder) to compose."})
-    spatial_merge_size: int = field(default=1, metadata={"help": "k: each k×k patch block becomes one image token."})
+    spatial_merge_size: int | None = field(
+        default=None,
+        metadata={"help": "k: each k×k patch block becomes one image token (default: 1 when composing or from "
+                          "scratch; a saved model keeps its own and refuses another)."},
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "Attention backend for both towers."})
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype when loading (mixed precision is separate)."})
-    min_patches: int = field(default=1, metadata={"help": "Smallest patch count per image."})
-    max_patches: int | None = field(default=None, metadata={"help": "Patch budget per image (default: the encoder's)."})
+    min_patches: int | None = field(
+        default=None, metadata={"help": "Smallest patch count per image (default: 1; a saved model keeps its own)."}
+    )
+    max_patches: int | None = field(
+        default=None,
+        metadata={"help": "Patch budget per image (default: the encoder's position grid, 256 for the NaFlex "
+                          f"checkpoints; a saved model keeps its own; {SCRATCH_MAX_PATCHES} from scratch)."},
+    )
     # From scratch (used when neither model_name_or_path nor text_model/vision_model is given).
-    text_hidden_size: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate_size: int = 384
-    vision_hidden_size: int = 96
-    vision_layers: int = 2
-    vision_heads: int = 4
-    vision_intermediate_size: int = 256
-    patch_size: int = 8
-    vocab_size: int = 320
+    text_hidden_size: int = field(default=128, metadata={"help": "From scratch: the decoder's hidden width."})
+    text_layers: int = field(default=2, metadata={"help": "From scratch: decoder layers."})
+    text_heads: int = field(default=4, metadata={"help": "From scratch: decoder attention heads."})
+    text_kv_heads: int = field(default=2, metadata={"help": "From scratch: decoder key/value heads (GQA)."})
+    text_intermediate_size: int = field(default=384, metadata={"help": "From scratch: the decoder MLP's width."})
+    vision_hidden_size: int = field(default=96, metadata={"help": "From scratch: the encoder's hidden width."})
+    vision_layers: int = field(default=2, metadata={"help": "From scratch: encoder layers."})
+    vision_heads: int = field(default=4, metadata={"help": "From scratch: encoder attention heads."})
+    vision_intermediate_size: int = field(default=256, metadata={"help": "From scratch: the encoder MLP's width."})
+    patch_size: int = field(default=8, metadata={"help": "From scratch: pixels per patch side."})
+    vocab_size: int = field(default=320, metadata={"help": "From scratch: the byte-level BPE tokenizer's vocabulary."})
     # What trains.
     train_parts: str = field(default="all", metadata={"help": "projector | projector+llm | all"})
     use_lora: bool = field(default=False, metadata={"help": "PEFT LoRA adapters on the language model."})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
     lora_target_modules: str = field(
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         metadata={"help": "Comma-separated module names inside the language model."},
     )
     save_merged_lora: bool = field(default=False, metadata={"help": "Also save the model with adapters merged in."})
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ~30 %% more compute."}
+    )
 
 
 @dataclass
 class DataArguments:
-    """What the model learns from, and how batches are packed."""
+    """What the model learns from, how batches are packed, and what it is evaluated on."""
 
     dataset: str = field(default="scenes", metadata={"help": "'scenes' (embedded), a hub name, or a local path."})
     data_format: str = field(default="auto", metadata={"help": "caption | interleaved | chat | auto (from columns)"})
     data_files: str | None = field(default=None, metadata={"help": "Files for a builder such as parquet or json."})
     dataset_config: str | None = field(default=None, metadata={"help": "Subset name for load_dataset."})
-    split: str = "train"
+    split: str = field(default="train", metadata={"help": "The split to train on."})
     image_column: str | None = field(default=None, metadata={"help": "Caption format: the image column (e.g. jpg)."})
     text_column: str | None = field(default=None, metadata={"help": "Caption format: the text column (e.g. txt)."})
     messages_column: str | None = field(default=None, metadata={"help": "Chat format: messages or conversations."})
     image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
-    streaming: bool = False
+    streaming: bool = field(default=False, metadata={"help": "Stream the data set instead of downloading it first."})
     strict: bool = field(default=False, metadata={"help": "Raise on the first bad sample instead of skipping it."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per packed row."})
     rows_per_batch: int = field(default=4, metadata={"help": "Packed rows per micro-batch on each process."})
     max_images: int | None = field(default=None, metadata={"help": "Image budget per micro-batch."})
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata={"help": "Data loader worker processes per training process."})
     scenes_size: int = field(default=100_000, metadata={"help": "Length of the scenes train split."})
-    eval_samples: int = field(default=200, metadata={"help": "Held-out scenes for the exact-match evaluation."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Held-out split of --dataset (or of --eval_data_files) for the eval loss and generated "
+                          "samples, e.g. validation; 'eval' for scenes (default: none, or 'train' of "
+                          "--eval_data_files)."},
+    )
+    eval_data_files: str | None = field(
+        default=None,
+        metadata={"help": "Files of a held-out set read like --data_files (same builder and format)."},
+    )
+    eval_samples: int = field(
+        default=200,
+        metadata={"help": "Held-out samples per evaluation: scenes for exact match (0: none), and at most this many "
+                          "of the eval split for the eval loss (0: the whole split)."},
+    )
 
 
 @dataclass
 class TrainArguments:
-    """How the optimisation runs, where it writes, and how it resumes."""
+    """How the optimisation runs, where it writes, how it resumes, is evaluated and published."""
 
+    config: str | None = field(
+        default=None,
+        metadata={"help": "YAML file of field values, applied before the command line (default: configs/default.yaml"
+                          ", the toy job, when no model is named; none when --model_name_or_path or --text_model/"
+                          "--vision_model is given; '' for none)."},
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Default: outputs/<run_name>."})
-    run_name: str = "default"
-    seed: int = 0
-    max_steps: int = 400
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.01
-    adam_beta2: float = 0.98
-    warmup_steps: int = 30
-    lr_scheduler_type: str = "cosine"
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
+    run_name: str | None = field(
+        default=None, metadata={"help": "Name in the trackers and the default output folder (default: from the model)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the weights of new modules, the data order and dropout."})
+    max_steps: int = field(default=400, metadata={"help": "Optimizer steps to train for."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate (default: 2e-5 for a full fine-tune, 2e-4 with LoRA, 1e-3 for "
+                          "--train_parts projector, 3e-4 from scratch; the toy default.yaml sets 2e-3)."},
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW's second-moment decay."})
+    warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps before the schedule."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers' get_scheduler name: cosine, "
+                                                                       "linear, constant_with_warmup, ..."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this."})
     mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, no on CPU) | no | bf16 | fp16"})
     checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: off)."})
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata={"help": "Complete checkpoints kept; older ones are deleted."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
     max_bad_steps: int = field(default=5, metadata={"help": "Stop after this many consecutive non-finite steps."})
     inject_nan_steps: str = field(default="", metadata={"help": "Testing aid: comma-separated steps whose loss is NaN."})
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"help": "Send the training metrics to the trackers every N steps."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard | wandb | none"})
-    eval_before: bool = True
-    eval_max_new_tokens: int = 16
-    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push final/ to."})
+    eval_before: bool = field(default=True, metadata={"help": "Scenes: measure exact match before training too."})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Eval loss and generated samples every N steps, on --eval_split / --eval_data_files "
+                          "(0: only at the end)."},
+    )
+    eval_generate_samples: int = field(
+        default=4, metadata={"help": "Held-out samples generated and logged to the trackers at each evaluation."}
+    )
+    eval_max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per evaluated sample."})
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo id to push final/ to, after report.json and the final evaluation are written. "
+                          "Checked at start-up (a token, a valid name)."},
+    )
+    push_check_remote: bool = field(
+        default=False, metadata={"help": "At start-up, also ask the Hub whose the token is (a network call)."}
+    )
+    license: str | None = field(
+        default=None,
+        metadata={"help": "The model card's licence (default: the base models' when their cards say it)."},
+    )
     check_final_reload: bool = field(default=False, metadata={"help": "Reload final/ and compare its logits with "
                                                                        "the in-memory model's (report key)."})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the decoder and encoder layers "
@@ -115,30 +188,88 @@ class TrainArguments:
                                                                           "flex_attention (default: flex on GPU, the "
                                                                           "model's on CPU)."})
 
-    def __post_init__(self):
-        if self.output_dir is None:
-            self.output_dir = os.path.join("outputs", self.run_name)
+
+SECTIONS = (ModelArguments, DataArguments, TrainArguments)
+
+
+DESCRIPTION = (
+    "Train a Llama 3 + SigLIP2 vision-language model. Values come from a YAML file, then from these flags. "
+    "The file is --config FILE.yaml; without --config it is configs/default.yaml (the toy job: a tiny model from "
+    "scratch on the embedded scenes set) when no model is named, and none when --model_name_or_path or "
+    "--text_model/--vision_model names one: such a run starts from the defaults below, meant for real models."
+)
+
+
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(SECTIONS, description=DESCRIPTION)
+
+
+def names_a_model(model_args: ModelArguments) -> bool:
+    return any(getattr(model_args, name) for name in MODEL_SOURCE_FIELDS)
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """`--config FILE.yaml` (default: configs/default.yaml; `--config ""` for none) supplies values; flags override them."""
+    """The YAML file (see the module docstring) supplies values, the flags override them, then run defaults settle."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
-    config_path = DEFAULT_CONFIG
-    if "--config" in argv:
-        at = argv.index("--config")
-        config_path = argv[at + 1]
-        del argv[at : at + 2]
+    parser = build_parser()
+    # A first pass over the flags alone says whether a config was given and whether a model is named.
+    flags_only, _, flags_train = parser.parse_args_into_dataclasses(args=argv)
+    config_path = flags_train.config
+    if config_path is None:
+        config_path = "" if names_a_model(flags_only) else DEFAULT_CONFIG
+    elif config_path and os.path.abspath(config_path) == DEFAULT_CONFIG and names_a_model(flags_only):
+        raise ValueError(
+            f"{config_path} is the toy job (a tiny model from scratch, lr 2e-3, 128-patch images): it does not fit "
+            "the model named on the command line. Drop --config to get the defaults for real models, or pass a "
+            "config of your own."
+        )
     if config_path:
-        with open(config_path) as f:
-            values = yaml.safe_load(f) or {}
-        known = {name for dtype in parser.dataclass_types for name in dtype.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown fields {unknown}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**read_config(config_path))
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    train_args.config = config_path or None
+    resolve_run_defaults(model_args, train_args)
     return model_args, data_args, train_args
+
+
+def read_config(path: str) -> dict:
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    known = {f.name for section in SECTIONS for f in fields(section)} - {"config"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {unknown}")
+    return values
+
+
+def default_learning_rate(model_args: ModelArguments) -> float:
+    if model_args.use_lora:
+        return LEARNING_RATES["lora"]
+    if not names_a_model(model_args):
+        return LEARNING_RATES["scratch"]
+    if model_args.train_parts == "projector":
+        return LEARNING_RATES["projector"]
+    return LEARNING_RATES["fine-tune"]
+
+
+def default_run_name(model_args: ModelArguments) -> str:
+    def short(name: str) -> str:
+        return os.path.basename(os.path.normpath(name))
+
+    if model_args.model_name_or_path:
+        return short(model_args.model_name_or_path)
+    if model_args.text_model or model_args.vision_model:
+        return "+".join(short(name) for name in (model_args.text_model, model_args.vision_model) if name)
+    return "scratch"
+
+
+def resolve_run_defaults(model_args: ModelArguments, train_args: TrainArguments) -> None:
+    """Fill the fields whose default depends on the run; the patch budget and merge are settled by the model factory."""
+    if train_args.learning_rate is None:
+        train_args.learning_rate = default_learning_rate(model_args)
+    if train_args.run_name is None:
+        train_args.run_name = default_run_name(model_args)
+    if train_args.output_dir is None:
+        train_args.output_dir = os.path.join("outputs", train_args.run_name)
 
 
 def data_config(data_args: DataArguments, seed: int):
@@ -162,4 +293,20 @@ def data_config(data_args: DataArguments, seed: int):
         max_images_per_batch=data_args.max_images,
         num_workers=data_args.num_workers,
         strict=data_args.strict,
+    )
+
+
+def eval_data_config(data_args: DataArguments, seed: int):
+    """The held-out set, read once in order (no shuffle, one epoch), or None when the run names none."""
+    if not (data_args.eval_split or data_args.eval_data_files):
+        return None
+    from dataclasses import replace
+
+    return replace(
+        data_config(data_args, seed),
+        split=data_args.eval_split or "train",
+        data_files=data_args.eval_data_files or data_args.data_files,
+        shuffle=False,
+        num_epochs=1,
+        num_workers=0,
     )

@@ -23,6 +23,8 @@ from modeling_llama3_siglip2 import (
 )
 from processing.scenes import COLOUR_NAMES, scene_caption
 
+from .arguments import SCRATCH_MAX_PATCHES
+
 TRAIN_PARTS = {
     "projector": ("model.multi_modal_projector.",),
     "projector+llm": ("model.multi_modal_projector.", "model.language_model.", "lm_head."),
@@ -42,30 +44,48 @@ def build_model_and_processor(model_args):
         model = AutoModelForImageTextToText.from_pretrained(
             model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
         )
-        return model, AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        apply_patch_budget(model, processor, model_args)
+        return model, processor
     if model_args.text_model or model_args.vision_model:
         if not (model_args.text_model and model_args.vision_model):
             raise ValueError("Composing a model needs both --text_model and --vision_model")
         return from_pretrained_components(
             model_args.text_model,
             model_args.vision_model,
-            spatial_merge_size=model_args.spatial_merge_size,
+            spatial_merge_size=model_args.spatial_merge_size or 1,
             dtype=dtype,
             attn_implementation=model_args.attn_implementation,
-            min_patches=model_args.min_patches,
-            max_patches=model_args.max_patches,
+            min_patches=model_args.min_patches or 1,
+            max_patches=model_args.max_patches,  # None: the encoder's position grid
         )
     return build_scratch_model(model_args, scratch_tokenizer_corpus())
+
+
+def apply_patch_budget(model, processor, model_args) -> None:
+    """A saved model keeps its processor's patch budget unless the run sets one; its merge is fixed by its weights."""
+    saved_merge = model.config.spatial_merge_size
+    if model_args.spatial_merge_size is not None and model_args.spatial_merge_size != saved_merge:
+        raise ValueError(
+            f"{model_args.model_name_or_path} was trained with spatial_merge_size {saved_merge} (its projector's "
+            f"input width depends on it); --spatial_merge_size {model_args.spatial_merge_size} cannot change that"
+        )
+    image_processor = processor.image_processor
+    if model_args.min_patches is not None:
+        image_processor.min_patches = model_args.min_patches
+    if model_args.max_patches is not None:
+        image_processor.max_patches = model_args.max_patches
 
 
 def build_scratch_model(model_args, tokenizer_corpus):
     """A small model with random weights; its tokenizer is trained on `tokenizer_corpus` in well under a second."""
     tokenizer = build_byte_level_bpe_tokenizer(tokenizer_corpus, vocab_size=model_args.vocab_size)
-    max_patches = model_args.max_patches or 256
+    max_patches = model_args.max_patches or SCRATCH_MAX_PATCHES
+    merge = model_args.spatial_merge_size or 1
     image_processor = Llama3Siglip2ImageProcessor(
         patch_size=model_args.patch_size,
-        merge_size=model_args.spatial_merge_size,
-        min_patches=model_args.min_patches,
+        merge_size=merge,
+        min_patches=model_args.min_patches or 1,
         max_patches=max_patches,
     )
     processor = Llama3Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
@@ -92,7 +112,7 @@ def build_scratch_model(model_args, tokenizer_corpus):
             # SigLIP2 keeps a square grid of position embeddings and resizes it to each image's grid.
             num_patches=math.ceil(math.sqrt(max_patches)) ** 2,
         ),
-        spatial_merge_size=model_args.spatial_merge_size,
+        spatial_merge_size=merge,
         image_token_id=processor.image_token_id,
         boi_token_id=processor.boi_token_id,
         eoi_token_id=processor.eoi_token_id,
@@ -145,8 +165,13 @@ def select_trainable(model, model_args):
     return model
 
 
+def parameter_count(parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (the local tensor is then empty)."""
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
+
+
 def parameter_counts(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
 
