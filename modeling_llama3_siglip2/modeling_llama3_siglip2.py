@@ -17,16 +17,23 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, LlamaModel, PreTrainedModel, Siglip2VisionModel
 from transformers.activations import ACT2FN
+from transformers.initialization import guard_torch_init_functions
 from transformers.loss.loss_utils import ForCausalLMLoss
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, torch_compilable_check
 
+from .compat import CACHE_NAME, accepts_either_cache_name, cache_kwarg, output_cache
 from .configuration_llama3_siglip2 import Llama3Siglip2Config
 from .efficient_ops import chunked_causal_lm_loss, use_grouped_position_embeddings
 
 
+# Both extend transformers' own output classes, so the cache field has the name this transformers gives it
+# (`past_key_values` before 5.24, `cache` from 5.24 on).
 @dataclass
 class Llama3Siglip2ModelOutputWithPast(BaseModelOutputWithPast):
     """The decoder's outputs, plus the projected image tokens `(T, D)` that were scattered into the sequence."""
@@ -35,12 +42,9 @@ class Llama3Siglip2ModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class Llama3Siglip2CausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class Llama3Siglip2CausalLMOutputWithPast(CausalLMOutputWithPast):
+    """transformers' causal-LM outputs, plus the projected image tokens `(T, D)` that were scattered into the sequence."""
+
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -106,18 +110,39 @@ class Llama3Siglip2PreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "Siglip2EncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     # What both towers support: SigLIP2 has no flash or flex attention kernel in transformers.
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
+    # A decoding step (text with a cache, static or dynamic) traces as one graph; the image prefill has one host sync.
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """transformers' composite init: each sub-model (Llama, SigLIP2) initialises its own modules its own way.
+
+        transformers treats a model class defined outside it as custom code, and then skips every module that holds
+        no parameter of its own, in case its `_init_weights` would overwrite loaded weights. SigLIP2 initialises its
+        attention, MLP and embeddings at that level, so the vision weights missing from a checkpoint came out with
+        other distributions than the constructor's. Every `_init_weights` reached here is transformers' own or uses
+        its guarded init functions, which leave loaded weights alone, so nothing is skipped.
+        """
+
+        def initialize(module, initialize_module):
+            for child in module.children():
+                initialize(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize_module)
+            initialize_module(module, False)
+
+        with guard_torch_init_functions():
+            initialize(self, self._initialize_weights)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus every Auto entry in `auto_map` and a short model card.
 
         transformers records only the saved class's own Auto class; `AutoModel.from_pretrained(folder,
-        trust_remote_code=True)` needs the others too.
+        trust_remote_code=True)` needs the others too. A card already in the folder is kept.
         """
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
         os.makedirs(save_directory, exist_ok=True)
@@ -125,8 +150,38 @@ class Llama3Siglip2PreTrainedModel(PreTrainedModel):
         if kwargs.get("is_main_process", True) and not os.path.exists(card):
             with open(card, "w") as f:
                 f.write(MODEL_CARD)
+        if os.path.exists(card):
+            with open(card) as f:
+                self._folder_model_card = (os.path.realpath(save_directory), f.read())
         super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        """Upload as transformers does, with the folder's model card rather than transformers' empty one.
+
+        `push_to_hub` (and `save_pretrained(push_to_hub=True)`) write transformers' card over README.md just before
+        this upload: the repository's own card, or for a new repository an empty template. The template gives way
+        to the folder's card (with the template's tags added); a repository's card gives way only to a card that
+        someone wrote into the folder, not to the default one `save_pretrained` writes.
+        """
+        from transformers.utils.hub import ModelCard
+
+        card_path = os.path.join(working_dir, "README.md")
+        folder, folder_card = getattr(self, "_folder_model_card", (None, None))
+        if folder == os.path.realpath(working_dir) and os.path.exists(card_path):
+            with open(card_path) as f:
+                transformers_card = ModelCard(f.read())
+            is_template = TRANSFORMERS_TEMPLATE_MARK in transformers_card.text
+            if is_template or folder_card != MODEL_CARD:
+                card = ModelCard(folder_card)
+                tags = list(card.data.tags or [])
+                card.data.tags = tags + [t for t in (transformers_card.data.tags or []) if t not in tags]
+                with open(card_path, "w") as f:
+                    f.write(str(card))
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+
+# A sentence of the card transformers makes for a repository that has none (`create_and_tag_model_card`).
+TRANSFORMERS_TEMPLATE_MARK = "This model card has been automatically generated."
 
 AUTO_MAP = {
     "AutoConfig": "configuration_llama3_siglip2.Llama3Siglip2Config",
@@ -198,13 +253,38 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
                 raise ValueError(f"image {i}: a {h}×{w} patch grid cannot be merged in {k}×{k} blocks")
         return [(h, w) for h, w, _ in stats]
 
-    def get_image_features(self, pixel_values, pixel_attention_mask, spatial_shapes, **kwargs) -> torch.Tensor:
-        """Encode, merge and project the valid patches of every image: returns (T, D) tokens in image order.
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        pixel_attention_mask: torch.Tensor,
+        spatial_shapes: torch.LongTensor,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Encode, merge and project the valid patches of every image.
 
-        Images with an empty grid are padding slots and are skipped. Padding patches inside an image never reach
-        the output: SigLIP2's bidirectional mask keeps them out of attention, and the merge index skips them.
+        Returns transformers' `BaseModelOutputWithPooling`, as its image-text models do: `pooler_output` holds one
+        `(T_n, D)` tensor of projected tokens per image n, in order (what the text's placeholders receive; an empty
+        padding slot gives `(0, D)`); `last_hidden_state` `(N', L, D_vision)`, and on request `hidden_states` and
+        `attentions`, are the vision tower's, for the N' images that have patches. Padding patches inside an image
+        never reach `pooler_output`: SigLIP2's bidirectional mask keeps them out of attention, and the merge skips
+        them.
         """
         shapes = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes)
+        vision_outputs, image_tokens_TD = self._image_tokens(
+            pixel_values, pixel_attention_mask, spatial_shapes, shapes, **kwargs
+        )
+        k = self.config.spatial_merge_size
+        per_image = image_tokens_TD.split([(h // k) * (w // k) for h, w in shapes])
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=per_image,
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
+
+    def _image_tokens(self, pixel_values, pixel_attention_mask, spatial_shapes, shapes, **kwargs):
+        """(vision tower outputs, (T, D) image tokens) for the images with patches; empty grids are padding slots."""
         keep = [i for i, (h, w) in enumerate(shapes) if h * w > 0]
         if len(keep) < len(shapes):
             keep_N = torch.tensor(keep, device=pixel_values.device, dtype=torch.long)
@@ -214,15 +294,17 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
 
     def _encode_and_project(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, shapes, **kwargs):
         N, L, _ = pixel_values_NLP.shape
-        hidden_NLD = self.vision_tower(
+        vision_outputs = self.vision_tower(
             pixel_values=pixel_values_NLP,
             pixel_attention_mask=pixel_attention_mask_NL,
             spatial_shapes=spatial_shapes_N2,
+            return_dict=True,
             **kwargs,
-        ).last_hidden_state
+        )
+        hidden_NLD = vision_outputs.last_hidden_state
         index_TK = merged_patch_index(shapes, L, self.config.spatial_merge_size, hidden_NLD.device)
         merged_TD = hidden_NLD.reshape(N * L, -1)[index_TK].flatten(1)
-        return self.multi_modal_projector(merged_TD)
+        return vision_outputs, self.multi_modal_projector(merged_TD)
 
     def _dummy_image_features(self, device: torch.device) -> torch.Tensor:
         """Run both image modules on one k×k blank image, so every rank calls the same modules (FSDP, ZeRO-3).
@@ -237,7 +319,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         pixels = torch.zeros(1, k * k, vision.num_channels * vision.patch_size**2, device=device)
         mask = torch.ones(1, k * k, device=device, dtype=torch.long)
         shapes = torch.tensor([[k, k]], device=device, dtype=torch.long)
-        return self._encode_and_project(pixels, mask, shapes, [(k, k)])
+        return self._encode_and_project(pixels, mask, shapes, [(k, k)])[1]
 
     def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         """(B, S) mask of the image placeholder positions, from ids or, without them, from the embeddings."""
@@ -250,15 +332,17 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
 
     def scatter_image_tokens(self, inputs_embeds_BSD, image_mask_BS, image_tokens_TD) -> torch.Tensor:
         """Put the image tokens, in order, at the placeholder positions. Counts must match exactly."""
-        n_placeholders = int(image_mask_BS.sum())
-        if n_placeholders != image_tokens_TD.shape[0]:
-            raise ValueError(
-                f"Image features and image tokens do not match: the text has {n_placeholders} image tokens "
-                f"(id {self.config.image_token_id}) but the images give {image_tokens_TD.shape[0]} features"
-            )
+        # A tensor check: a host sync in eager mode, a runtime assert (no graph break) under torch.compile.
+        torch_compilable_check(
+            image_mask_BS.sum() == image_tokens_TD.shape[0],
+            lambda: f"Image features and image tokens do not match: the text has {int(image_mask_BS.sum())} image "
+            f"tokens (id {self.config.image_token_id}) but the images give {image_tokens_TD.shape[0]} features",
+        )
         image_tokens_TD = image_tokens_TD.to(inputs_embeds_BSD.device, inputs_embeds_BSD.dtype)
         return inputs_embeds_BSD.masked_scatter(image_mask_BS.unsqueeze(-1), image_tokens_TD)
 
+    @can_return_tuple
+    @accepts_either_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -267,19 +351,26 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         spatial_shapes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
-    ) -> Llama3Siglip2ModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | Llama3Siglip2ModelOutputWithPast:
+        r"""
+        cache: the decoder's key-value cache (transformers' `Cache`); also accepted as `past_key_values`.
+        kwargs: transformers' model kwargs (`output_attentions`, `output_hidden_states`, attention-backend
+            arguments), passed to the decoder, which records attentions and hidden states itself.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        kwargs.pop("num_items_in_batch", None)  # a loss argument: the decoder has no use for it
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_tokens_TD = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            image_tokens_TD = self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes)
+            shapes = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes)
+            image_tokens_TD = self._image_tokens(pixel_values, pixel_attention_mask, spatial_shapes, shapes)[1]
             image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
             inputs_embeds = self.scatter_image_tokens(inputs_embeds, image_mask_BS, image_tokens_TD)
         elif self.training or (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -287,28 +378,32 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
             # (FSDP, ZeRO-3) gather the same parameters in the same order and never wait on each other.
             inputs_embeds = inputs_embeds + 0.0 * self._dummy_image_features(inputs_embeds.device).sum()
 
-        if use_cache is None and attention_mask is None and position_ids is not None and past_key_values is None:
+        if use_cache is None and attention_mask is None and position_ids is not None and cache is None:
             # Position ids without a mask mean packed rows; transformers derives per-sample masks only without a cache.
             use_cache = False
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **cache_kwarg(cache),
             **kwargs,
         )
         return Llama3Siglip2ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_tokens_TD,
+            **cache_kwarg(output_cache(outputs)),
         )
 
 
 class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As transformers' Llama: the head's vocabulary is split across tensor-parallel ranks and the logits gathered; a
+    # pipeline stage that holds the head turns hidden states into logits.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: Llama3Siglip2Config):
         super().__init__(config)
@@ -328,9 +423,18 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values, pixel_attention_mask, spatial_shapes, **kwargs) -> torch.Tensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        pixel_attention_mask: torch.Tensor,
+        spatial_shapes: torch.LongTensor,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | BaseModelOutputWithPooling:
+        """See `Llama3Siglip2Model.get_image_features`."""
         return self.model.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes, **kwargs)
 
+    @can_return_tuple
+    @accepts_either_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -339,21 +443,29 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
         spatial_shapes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        num_items_in_batch: torch.Tensor | int | None = None,
-        **kwargs,
-    ) -> Llama3Siglip2CausalLMOutputWithPast:
+        shift_labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | Llama3Siglip2CausalLMOutputWithPast:
         r"""
         labels (`(B, S)`): targets for the shifted next-token loss; `config.ignore_index` marks positions to skip.
-        num_items_in_batch: the number of target tokens in the whole (accumulated, all-rank) batch. With it the
-            loss is a sum divided by that number, so gradient accumulation averages over tokens, not micro-batches.
+        shift_labels (`(B, S)`): targets already aligned with the positions (position s predicts `shift_labels[s]`),
+            used instead of `labels`. Context-parallel training shifts the full sequence before sharding it, so each
+            shard's last token keeps its target.
+            In either, the image placeholder, `<boi>` and `<eoi>` ids are never targets: the images come from the
+            user, and the model is not taught to emit them.
+        num_items_in_batch (in kwargs): the number of target tokens in the whole (accumulated, all-rank) batch. With
+            it the loss is a sum divided by that number, so gradient accumulation averages over tokens.
         logits_to_keep: compute logits only for the last N positions (an int), or for the given indices (a tensor).
+        cache: the decoder's key-value cache (transformers' `Cache`); also accepted as `past_key_values`.
         """
-        if labels is not None and use_cache is None:
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        wants_loss = labels is not None or shift_labels is not None
+        if wants_loss and use_cache is None:
             use_cache = False
         outputs = self.model(
             input_ids=input_ids,
@@ -362,52 +474,70 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
             spatial_shapes=spatial_shapes,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_BSD = outputs.last_hidden_state
-        if labels is not None and self.training and self.config.loss_chunk_size:
-            # Training needs only the loss: skip the (B, S, V) logits, in fp32 the largest tensor of the step.
-            loss = self.lm_head(hidden_BSD, labels=labels, num_items_in_batch=num_items_in_batch,
-                                ignore_index=self.config.ignore_index, chunk_size=self.config.loss_chunk_size)
-            return Llama3Siglip2CausalLMOutputWithPast(
-                loss=loss,
-                past_key_values=outputs.past_key_values,
-                hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions,
-                image_hidden_states=outputs.image_hidden_states,
-            )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_BSD[:, keep, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.causal_lm_loss(logits, labels, num_items_in_batch)
-        return Llama3Siglip2CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
+        extra = dict(
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            **cache_kwarg(output_cache(outputs)),
         )
+        # Not under tensor parallelism: there lm_head's weight is a vocabulary shard and its call gathers logits.
+        if wants_loss and self.training and self.config.loss_chunk_size and (self.tp_size or 1) == 1:
+            # Training needs only the loss: skip the (B, S, V) logits, in fp32 the largest tensor of the step.
+            hidden_BSD, labels_BS = self._chunked_loss_inputs(hidden_BSD, labels, shift_labels)
+            loss = self.lm_head(hidden_BSD, labels=labels_BS, num_items_in_batch=num_items_in_batch,
+                                ignore_index=self.config.ignore_index, chunk_size=self.config.loss_chunk_size)
+            return Llama3Siglip2CausalLMOutputWithPast(loss=loss, **extra)
 
-    def causal_lm_loss(self, logits_BSV, labels_BS, num_items_in_batch=None) -> torch.Tensor:
-        """transformers' shifted causal-LM cross-entropy (fp32), skipping `config.ignore_index`."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_BSD[:, keep, :])
+        loss = None
+        if wants_loss:
+            loss = self.causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
+        return Llama3Siglip2CausalLMOutputWithPast(loss=loss, logits=logits, **extra)
+
+    def loss_targets(self, labels_BS: torch.Tensor) -> torch.Tensor:
+        """The labels with the image placeholder, `<boi>` and `<eoi>` ids replaced by `config.ignore_index`."""
+        config = self.config
+        image_ids = torch.tensor([config.image_token_id, config.boi_token_id, config.eoi_token_id],
+                                 device=labels_BS.device)
+        return labels_BS.masked_fill(torch.isin(labels_BS, image_ids), config.ignore_index)
+
+    def _chunked_loss_inputs(self, hidden_BSD, labels_BS, shift_labels_BS):
+        """(hidden, labels) for `chunked_causal_lm_loss`, which shifts its labels itself.
+
+        For `shift_labels`, one blank position goes after the last and each target moves one place right, so that
+        the last position keeps its target (the blank one predicts nothing).
+        """
+        if shift_labels_BS is None:
+            return hidden_BSD, self.loss_targets(labels_BS)
+        targets_BS = self.loss_targets(shift_labels_BS)
+        return F.pad(hidden_BSD, (0, 0, 0, 1)), F.pad(targets_BS, (1, 0), value=self.config.ignore_index)
+
+    def causal_lm_loss(self, logits_BSV, labels_BS, num_items_in_batch=None, shift_labels=None) -> torch.Tensor:
+        """transformers' shifted causal-LM cross-entropy (fp32), skipping `config.ignore_index` and the image ids."""
         return ForCausalLMLoss(
             logits_BSV,
-            labels_BS,
+            None if labels_BS is None else self.loss_targets(labels_BS),
             vocab_size=self.config.text_config.vocab_size,
             num_items_in_batch=num_items_in_batch,
             ignore_index=self.config.ignore_index,
+            shift_labels=None if shift_labels is None else self.loss_targets(shift_labels),
         )
 
+    @accepts_either_cache_name
     def prepare_inputs_for_generation(
         self,
         input_ids,
-        past_key_values=None,
+        cache=None,
+        attention_mask=None,
+        inputs_embeds=None,
         pixel_values=None,
         pixel_attention_mask=None,
         spatial_shapes=None,
@@ -415,7 +545,12 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
         **kwargs,
     ):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **cache_kwarg(cache),
+            **kwargs,
         )
         # The images are encoded once, in the prefill; later steps read their keys and values from the cache.
         if is_first_iteration or not kwargs.get("use_cache", True):
