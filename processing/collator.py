@@ -20,6 +20,7 @@ A sample is what the processor returns for one example, with or without a leadin
 
 from __future__ import annotations
 
+import warnings
 from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ IGNORE_INDEX = -100
 TOO_LONG = "too_long"
 TOO_MANY_IMAGES = "too_many_images"
 EMPTY_TEXT = "empty_text"
+_FIXES = {TOO_LONG: "raise seq_len", TOO_MANY_IMAGES: "raise max_images", EMPTY_TEXT: "these samples have no tokens"}
 
 
 @dataclass(frozen=True)
@@ -188,13 +190,18 @@ def to_packed_sample(sample: Mapping, index: int, ignore_token_ids: Sequence[int
 
 
 class MultimodalPackingCollator:
-    """`collator(samples) -> BatchFeature` of packed rows; impossible samples are skipped and counted.
+    """`collator(samples) -> BatchFeature` of packed rows; impossible samples are dropped, said and counted.
 
     Returns `input_ids`, `labels` and `position_ids` of shape (R, S) and, when the batch has images,
     `pixel_values (N, L, D)`, `pixel_attention_mask (N, L)` and `spatial_shapes (N, 2)`. There is no
     `attention_mask`: the model isolates samples by the restarting `position_ids`.
 
-    `skipped` counts skipped samples by reason over the collator's life; `last_stats` describes the last batch.
+    A sample longer than `seq_len` or with more images than `max_images` is dropped, with a warning the first time
+    for each reason, and counted in `skipped` (reason -> samples, over the collator's life); with `truncation=True`
+    it is cut instead, before the first image that would not fit whole (an image cut from its tokens could not be
+    scattered back), and counted in `truncated`. A batch whose samples are all dropped raises, naming them: the model
+    cannot take an empty batch. `last_stats` describes the last batch.
+
     Given samples that are each possible but together carry more than `max_images` images, it raises: forming
     batches within the image budget is the batcher's job (see `processing.data`), and dropping samples here
     would lose them silently.
@@ -207,6 +214,9 @@ class MultimodalPackingCollator:
         max_images: int | None = None,
         ignore_token_ids: Sequence[int] = (),
         pad_to_seq_len: bool = True,
+        truncation: bool = False,
+        boi_token_id: int | None = None,
+        eoi_token_id: int | None = None,
     ):
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
@@ -215,32 +225,48 @@ class MultimodalPackingCollator:
         self.max_images = max_images
         self.ignore_token_ids = tuple(ignore_token_ids)
         self.pad_to_seq_len = pad_to_seq_len
+        self.truncation = truncation
+        self.boi_token_id, self.eoi_token_id = boi_token_id, eoi_token_id  # where truncation finds images
         self.skipped: Counter[str] = Counter()
+        self.truncated: Counter[str] = Counter()
         self.last_stats: PackingStats | None = None
+        self._warned: set[str] = set()
 
     @classmethod
     def from_processor(cls, processor, seq_len: int, max_images: int | None = None, **kwargs):
-        """Take the pad id and the ids that are never targets (image, boi, eoi, pad) from the processor."""
+        """Take the pad id, the ids that are never targets (image, boi, eoi, pad) and the image delimiters from the
+        processor."""
         never_targets = (
             processor.image_token_id,
             processor.boi_token_id,
             processor.eoi_token_id,
             processor.pad_token_id,
         )
+        kwargs = {"boi_token_id": processor.boi_token_id, "eoi_token_id": processor.eoi_token_id, **kwargs}
         return cls(seq_len, processor.pad_token_id, max_images, ignore_token_ids=never_targets, **kwargs)
 
     def __call__(self, samples: Sequence[Mapping]) -> BatchFeature:
-        possible = []
+        possible, dropped = [], []  # dropped: (sample index, reason, what is wrong)
         for index, sample in enumerate(samples):
             packed_sample = to_packed_sample(sample, index, self.ignore_token_ids)
             if packed_sample.length == 0:
-                self.skipped[EMPTY_TEXT] += 1
-            else:
-                possible.append(packed_sample)
+                dropped.append((index, EMPTY_TEXT, "no tokens"))
+                continue
+            if self.truncation:
+                cut = self._truncated(packed_sample)
+                if cut is None:
+                    reason = self._reason(packed_sample)
+                    what = f"{self._what_is_wrong(packed_sample, reason)}; cut to fit, it has nothing to learn from"
+                    dropped.append((index, reason, what))
+                    continue
+                packed_sample = cut
+            possible.append(packed_sample)
         plan = pack_samples(
             [s.length for s in possible], self.seq_len, [s.num_images for s in possible], self.max_images
         )
-        self.skipped.update(plan.skipped.values())
+        for i, reason in plan.skipped.items():
+            dropped.append((possible[i].index, reason, self._what_is_wrong(possible[i], reason)))
+        self._account(sorted(dropped), len(samples))
         kept = [s for i, s in enumerate(possible) if i not in plan.skipped]
         images = sum(s.num_images for s in kept)
         if self.max_images is not None and images > self.max_images:
@@ -249,6 +275,85 @@ class MultimodalPackingCollator:
                 f"{self.max_images}; form batches within the budget before collating"
             )
         return self.collate_rows([[possible[i] for i in row] for row in plan.rows])
+
+    def _reason(self, sample: PackedSample) -> str:
+        return TOO_LONG if sample.length > self.seq_len else TOO_MANY_IMAGES
+
+    def _what_is_wrong(self, sample: PackedSample, reason: str) -> str:
+        if reason == TOO_LONG:
+            return f"{sample.length} tokens, over seq_len {self.seq_len}"
+        return f"{sample.num_images} images, over max_images {self.max_images}"
+
+    def _account(self, dropped: list[tuple[int, str, str]], batch_size: int) -> None:
+        """Count the dropped samples; warn the first time for each reason; refuse a batch left empty."""
+        reasons = Counter(reason for _, reason, _ in dropped)
+        self.skipped.update(reasons)
+        if dropped and len(dropped) == batch_size or not batch_size:
+            listed = "; ".join(f"sample {index}: {what}" for index, _, what in dropped[:8])
+            raise ValueError(
+                f"no sample of the batch can be packed ({listed or 'the batch is empty'}), and the model cannot take "
+                "an empty batch: raise seq_len (or max_images), pass truncation=True to cut long samples, or filter "
+                "such samples out of the data set"
+            )
+        for reason, count in reasons.items():
+            if reason not in self._warned:
+                self._warned.add(reason)
+                examples = "; ".join(f"sample {index}: {what}" for index, r, what in dropped if r == reason)
+                fix = _FIXES[reason]
+                if reason != EMPTY_TEXT and not self.truncation:
+                    fix += ", or pass truncation=True to cut such samples"
+                warnings.warn(
+                    f"MultimodalPackingCollator dropped {count} of {batch_size} samples of a batch as {reason} "
+                    f"({examples}); {fix}. Later drops are only counted, in `collator.skipped`.",
+                    stacklevel=3,
+                )
+
+    def _truncated(self, sample: PackedSample) -> PackedSample | None:
+        """`sample` cut to `seq_len` tokens and `max_images` images, never inside an image's tokens; None when the
+        cut would leave nothing to learn from (no target after the first token, which is never one)."""
+        spans = self._image_spans(sample)
+        cut = min(sample.length, self.seq_len)
+        if self.max_images is not None and len(spans) > self.max_images:
+            cut = min(cut, spans[self.max_images][0])
+        images = sum(end <= cut for _, end in spans)
+        if images < len(spans):
+            cut = min(cut, spans[images][0])  # before the first image that does not fit whole
+        if cut == sample.length:
+            return sample
+        labels = sample.labels_T[:cut]
+        if not (labels[1:] != IGNORE_INDEX).any():
+            return None
+        reason = self._reason(sample)
+        self.truncated[reason] += 1
+        if f"truncated {reason}" not in self._warned:
+            self._warned.add(f"truncated {reason}")
+            warnings.warn(
+                f"MultimodalPackingCollator truncated sample {sample.index} ({self._what_is_wrong(sample, reason)}) "
+                f"to {cut} tokens and {images} images; later truncations are only counted, in `collator.truncated`.",
+                stacklevel=3,
+            )
+        if not images:
+            return PackedSample(sample.index, sample.input_ids_T[:cut], labels, None, None, None)
+        pixels = (sample.pixel_values_nLD, sample.pixel_attention_mask_nL, sample.spatial_shapes_n2)
+        return PackedSample(sample.index, sample.input_ids_T[:cut], labels, *(t[:images] for t in pixels))
+
+    def _image_spans(self, sample: PackedSample) -> list[tuple[int, int]]:
+        """(start, end) of each image's tokens, begin-of-image to end-of-image inclusive, in order."""
+        if not sample.num_images:
+            return []
+        if self.boi_token_id is None or self.eoi_token_id is None:
+            raise ValueError(
+                "truncation of samples with images needs boi_token_id and eoi_token_id, to cut only between images; "
+                "build the collator with MultimodalPackingCollator.from_processor"
+            )
+        starts = (sample.input_ids_T == self.boi_token_id).nonzero()[:, 0].tolist()
+        ends = (sample.input_ids_T == self.eoi_token_id).nonzero()[:, 0].tolist()
+        if not len(starts) == len(ends) == sample.num_images or any(s >= e for s, e in zip(starts, ends)):
+            raise ValueError(
+                f"sample {sample.index}: {sample.num_images} images but {len(starts)} begin-of-image and {len(ends)} "
+                "end-of-image tokens in order; cannot tell where its images' tokens are to truncate it"
+            )
+        return [(start, end + 1) for start, end in zip(starts, ends)]
 
     def collate_rows(self, rows: Sequence[Sequence[PackedSample]]) -> BatchFeature:
         """Lay out rows that are already packed, each sample whole and in the given order."""

@@ -1,6 +1,7 @@
 """The packing collator places every possible sample whole, isolated, with its images, and counts the rest."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from processing.collator import (
     pack_samples,
 )
 from processing.data.packing import PackingBuffer
+from processing.tokenizer import IMAGE_TOKEN
 
 PAD = 0
 D = 12  # values per patch of the synthetic images
@@ -45,7 +47,8 @@ def image_value(sample_index: int, image_index: int) -> float:
 
 @st.composite
 def packing_cases(draw):
-    """Samples of random lengths and image counts, some impossible, with the possible ones within the budget."""
+    """Samples of random lengths and image counts, some impossible, with the possible ones within the budget and at
+    least one of them (a batch of none raises; see the tests of dropped batches)."""
     seq_len = draw(st.integers(4, 48))
     max_images = draw(st.one_of(st.none(), st.integers(0, 5)))
     budget_left = math.inf if max_images is None else max_images
@@ -62,12 +65,16 @@ def packing_cases(draw):
             budget_left -= images
         patch_counts = [draw(st.integers(1, 6)) for _ in range(images)]
         samples.append(make_sample(index, length, patch_counts, padded_patches=draw(st.integers(0, 3))))
+    if len(expected_skips) == len(samples):
+        samples.append(make_sample(len(samples), draw(st.integers(1, seq_len)), []))
     return seq_len, max_images, samples, expected_skips
 
 
 def collate(seq_len, max_images, samples):
     collator = MultimodalPackingCollator(seq_len, pad_token_id=PAD, max_images=max_images)
-    return collator, collator(samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning on dropped samples has tests of its own
+        return collator, collator(samples)
 
 
 def runs_of_samples(batch) -> list[tuple[int, int, int, int]]:
@@ -348,11 +355,10 @@ def test_packing_buffer_fills_rows_to_97_percent_on_caption_like_lengths():
     assert sum(lengths) / (rows * 2048) >= 0.97
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_packed_row_logits_equal_each_sample_run_alone(attn_implementation):
+def tiny_model_and_processor(attn_implementation: str = "sdpa"):
     from modeling_llama3_siglip2 import Llama3Siglip2Config, Llama3Siglip2ForConditionalGeneration
     from processing import Llama3Siglip2ImageProcessor, Llama3Siglip2Processor, build_byte_level_bpe_tokenizer
-    from processing.scenes import COLOUR_NAMES, ScenesSource, scene_caption
+    from processing.scenes import COLOUR_NAMES, scene_caption
 
     tokenizer = build_byte_level_bpe_tokenizer([scene_caption(a, b) for a in COLOUR_NAMES for b in COLOUR_NAMES], 300)
     image_processor = Llama3Siglip2ImageProcessor(patch_size=4, merge_size=2, max_patches=64)
@@ -381,7 +387,14 @@ def test_packed_row_logits_equal_each_sample_run_alone(attn_implementation):
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
-    model = Llama3Siglip2ForConditionalGeneration(config).eval()
+    return Llama3Siglip2ForConditionalGeneration(config).eval(), processor
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_row_logits_equal_each_sample_run_alone(attn_implementation):
+    from processing.scenes import ScenesSource
+
+    model, processor = tiny_model_and_processor(attn_implementation)
     source = ScenesSource("train", 10, interleaved_share=0.5)
     samples = [processor.process_sample(source[i]["text"], source[i]["images"]) for i in range(4)]
     lengths = [sample["input_ids"].shape[1] for sample in samples]
@@ -395,3 +408,180 @@ def test_packed_row_logits_equal_each_sample_run_alone(attn_implementation):
             alone = model(**{k: v for k, v in sample.items() if k != "labels"}, use_cache=False).logits[0]
             torch.testing.assert_close(packed[start : start + length], alone, atol=1e-5, rtol=1e-5)
             start += length
+
+
+# Used on its own (e.g. with transformers' Trainer): dropped samples are said, counted, and never leave an empty batch
+
+
+def test_a_sample_longer_than_seq_len_is_dropped_with_a_warning_the_first_time_and_counted():
+    collator = MultimodalPackingCollator(16, pad_token_id=PAD)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 2 samples of a batch as too_long \(sample 1: 20 tokens, over "
+                      r"seq_len 16\); raise seq_len, or pass truncation=True"):
+        batch = collator([make_sample(0, 5, []), make_sample(1, 20, [])])
+    assert batch["input_ids"].shape == (1, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time, only counted
+        collator([make_sample(0, 5, []), make_sample(1, 30, [])])
+    assert collator.skipped == {TOO_LONG: 2}
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ([make_sample(0, 20, []), make_sample(1, 17, [1])], r"sample 0: 20 tokens, over seq_len 16; sample 1: 17"),
+        ([make_sample(0, 4, [1, 1, 1])], r"sample 0: 3 images, over max_images 2"),
+        ([], r"the batch is empty"),
+    ],
+    ids=["too-long", "too-many-images", "no-samples"],
+)
+def test_a_batch_whose_samples_are_all_dropped_raises_naming_them_instead_of_being_empty(samples, message):
+    collator = MultimodalPackingCollator(16, pad_token_id=PAD, max_images=2)
+    with pytest.raises(ValueError, match=rf"no sample of the batch can be packed \({message}.*truncation=True"):
+        collator(samples)
+
+
+# Truncation (opt-in): cut to seq_len and the image budget, never inside an image's tokens
+
+BOI, EOI, IMAGE = 1, 2, 3
+
+
+def sample_with_image_tokens(index: int, pieces: list) -> dict:
+    """A processor-like sample from pieces: an int is that many text tokens, ("image", n) an image of n tokens
+    (boi, n image tokens, eoi; labels -100) and n patches whose values name the sample and the image."""
+    ids, labels, patch_counts = [], [], []
+    for piece in pieces:
+        if isinstance(piece, int):
+            text = [TOKEN_BLOCK * (index + 1) + len(ids) + i for i in range(piece)]
+            ids, labels = ids + text, labels + text
+        else:
+            n = piece[1]
+            ids += [BOI] + [IMAGE] * n + [EOI]
+            labels += [IGNORE_INDEX] * (n + 2)
+            patch_counts.append(n)
+    sample = make_sample(index, len(ids), patch_counts)
+    sample["input_ids"], sample["labels"] = torch.tensor([ids]), torch.tensor([labels])
+    return sample
+
+
+def truncating_collator(seq_len: int, max_images: int | None = None) -> MultimodalPackingCollator:
+    return MultimodalPackingCollator(
+        seq_len, pad_token_id=PAD, max_images=max_images, truncation=True, boi_token_id=BOI, eoi_token_id=EOI
+    )
+
+
+def collate_quietly(collator, samples):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return collator(samples)
+
+
+def segments(batch) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every sample in a batch, found by its positions restarting at 0 (padding left out)."""
+    found = []
+    for r, (ids, positions) in enumerate(zip(batch["input_ids"].tolist(), batch["position_ids"].tolist())):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        found += [(r, start, end) for start, end in zip(starts, starts[1:]) if ids[start] != PAD]
+    return found
+
+
+def image_token_counts(ids: list[int]) -> list[int]:
+    """The number of image tokens between each boi and its eoi, in order."""
+    counts, inside = [], False
+    for token in ids:
+        if token == BOI:
+            counts.append(0)
+            inside = True
+        elif token == EOI:
+            inside = False
+        elif inside:
+            assert token == IMAGE
+            counts[-1] += 1
+    return counts
+
+
+@st.composite
+def truncation_cases(draw):
+    """Samples that start with at least two text tokens (so a cut always leaves something to learn) followed by
+    text runs and images, some longer than seq_len."""
+    seq_len = draw(st.integers(4, 40))
+    samples = []
+    for index in range(draw(st.integers(1, 6))):
+        pieces = [draw(st.integers(2, 6))]
+        for _ in range(draw(st.integers(0, 4))):
+            pieces.append(draw(st.one_of(st.integers(1, 8), st.tuples(st.just("image"), st.integers(1, 12)))))
+        samples.append(sample_with_image_tokens(index, pieces))
+    return seq_len, samples
+
+
+@settings(max_examples=150, deadline=None)
+@given(truncation_cases())
+def test_truncation_keeps_every_sample_as_a_prefix_that_never_cuts_an_image(case):
+    seq_len, samples = case
+    collator = truncating_collator(seq_len)
+    batch = collate_quietly(collator, samples)
+    assert not collator.skipped
+    expected_images = []
+    for r, start, end in segments(batch):
+        owner = batch["input_ids"][r, start].item() // TOKEN_BLOCK - 1
+        original_ids, original_labels = samples[owner]["input_ids"][0], samples[owner]["labels"][0]
+        assert end - start <= seq_len
+        assert batch["input_ids"][r, start:end].tolist() == original_ids[: end - start].tolist()
+        assert batch["labels"][r, start + 1 : end].tolist() == original_labels[1 : end - start].tolist()
+        kept = batch["input_ids"][r, start:end].tolist()
+        assert kept.count(BOI) == kept.count(EOI)  # every image kept whole, boi to eoi
+        expected_images += [(image_value(owner, j), n) for j, n in enumerate(image_token_counts(kept))]
+    got = [] if "pixel_values" not in batch else list(
+        zip(batch["pixel_values"][:, 0, 0].tolist(), batch["pixel_attention_mask"].sum(1).tolist())
+    )
+    assert got == expected_images  # each image's patches still match its tokens, in order
+    assert sum(collator.truncated.values()) == sum(s["input_ids"].shape[1] > seq_len for s in samples)
+
+
+def test_truncation_cuts_before_an_image_that_does_not_fit_whole():
+    collator = truncating_collator(seq_len=12)
+    sample = sample_with_image_tokens(0, [3, ("image", 2), 2, ("image", 4), 5])  # image 2 spans tokens 9..14
+    with pytest.warns(UserWarning, match=r"truncated sample 0 \(20 tokens, over seq_len 12\) to 9 tokens and 1 image"):
+        batch = collator([sample])
+    assert batch["input_ids"][0, :9].tolist() == sample["input_ids"][0, :9].tolist()
+    assert batch["input_ids"][0, 9:].tolist() == [PAD] * 3
+    assert batch["pixel_values"].shape[0] == 1 and collator.truncated == {TOO_LONG: 1}
+
+
+def test_truncation_keeps_the_first_images_within_max_images():
+    sample = sample_with_image_tokens(0, [2, ("image", 1), 1, ("image", 1), 1, ("image", 1), 1])
+    batch = collate_quietly(truncating_collator(seq_len=64, max_images=2), [sample])
+    assert batch["input_ids"][0].tolist().count(BOI) == 2 and batch["pixel_values"].shape[0] == 2
+
+
+def test_truncation_drops_a_sample_left_with_nothing_to_learn_and_says_why():
+    # Cut before its image, only the first token (never a target) would remain.
+    samples = [sample_with_image_tokens(0, [1, ("image", 20), 3]), sample_with_image_tokens(1, [4])]
+    collator = truncating_collator(seq_len=16)
+    with pytest.warns(UserWarning, match=r"sample 0: 26 tokens, over seq_len 16; cut to fit, it has nothing to learn"):
+        collator(samples)
+    assert collator.skipped == {TOO_LONG: 1}
+
+
+def test_truncation_of_samples_with_images_needs_the_image_delimiters():
+    collator = MultimodalPackingCollator(8, pad_token_id=PAD, truncation=True)
+    with pytest.raises(ValueError, match="needs boi_token_id and eoi_token_id.*from_processor"):
+        collator([sample_with_image_tokens(0, [4, ("image", 6)])])
+
+
+def test_a_truncated_batch_of_real_photos_runs_through_the_model():
+    # The model scatters each image's features into its tokens: a cut inside an image would fail there.
+    from skimage import data
+
+    model, processor = tiny_model_and_processor()
+    photos = [data.astronaut(), data.coffee(), data.chelsea()]
+    text = "a red box and a blue box " * 3
+    samples = [processor.process_sample(text + IMAGE_TOKEN + text + IMAGE_TOKEN + text, photos[:2]),
+               processor.process_sample(IMAGE_TOKEN + text, photos[2:])]
+    second_image_start = (samples[0]["input_ids"][0] == processor.boi_token_id).nonzero()[1].item()
+    seq_len = second_image_start + 3  # the first sample's second image no longer fits whole
+    collator = MultimodalPackingCollator.from_processor(processor, seq_len=seq_len, truncation=True)
+    batch = collate_quietly(collator, samples)
+    assert collator.truncated == {TOO_LONG: 1} and batch["pixel_values"].shape[0] == 2
+    with torch.no_grad():
+        loss = model(**batch, use_cache=False).loss
+    assert torch.isfinite(loss)
