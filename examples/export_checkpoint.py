@@ -119,7 +119,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def export_checkpoint(checkpoint: str, out: str, dtype: str | None = None) -> str:
     import modeling_llama3_siglip2  # noqa: F401 - registers our classes with the Auto classes
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, AutoProcessor, GenerationConfig
 
     verify_checkpoint(checkpoint)
     hf = os.path.join(checkpoint, HF_FILES)
@@ -131,8 +131,8 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str | None = None) -> st
         raise ExportError(f"{checkpoint} holds a PEFT (LoRA) model; export its adapter from the run's final/ "
                           f"folder, or load the checkpoint in the training script and save it with peft")
     config = AutoConfig.from_pretrained(hf)
-    model, info = AutoModelForImageTextToText.from_pretrained(None, config=config, state_dict=state,
-                                                              output_loading_info=True)
+    model_class = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]  # what AutoModelForImageTextToText would pick
+    model, info = model_class.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
     problems = {kind: keys for kind, keys in info.items() if keys and kind != "error_msgs"}
     if problems or info.get("error_msgs"):
         details = "; ".join(f"{kind}: {sorted(keys)[:8]}" for kind, keys in problems.items())

@@ -244,6 +244,7 @@ def _phase(accelerator, work, partial: str, final: str) -> list:
         return [(node, r) for node, r, _ in reports]
     if _owns_copy(accelerator):
         shutil.rmtree(partial, ignore_errors=True)
+    _exchange(accelerator, None)  # so that no process raises before the partial folder is gone
     last = next((p for _, p in reversed(step_folders(os.path.dirname(os.path.dirname(partial))))
                  if p != final and checkpoint_problem(p) is None), None)
     intact = f"the last complete checkpoint ({last}) is intact" if last else "there is no earlier complete checkpoint"
