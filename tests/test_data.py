@@ -26,12 +26,16 @@ from processing.tokenizer import IMAGE_TOKEN, build_byte_level_bpe_tokenizer
 SEQ_LEN = 96
 
 
-@pytest.fixture(scope="module")
-def processor():
+def tiny_processor() -> Llama3Siglip2Processor:
     texts = [scene_caption(a, b) for a in COLOUR_NAMES for b in COLOUR_NAMES] + ["caption number 0123456789"]
     tokenizer = build_byte_level_bpe_tokenizer(texts, vocab_size=400)
     image_processor = Llama3Siglip2ImageProcessor(patch_size=8, merge_size=2, max_patches=64)
     return Llama3Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
 
 
 def png_bytes(width=16, height=16, value=128) -> bytes:

@@ -5,7 +5,6 @@ rather than hanging. Ranks are simulated in one process, one loader per rank."""
 import json
 import signal
 from contextlib import contextmanager
-from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from processing.data import DataConfig, build_train_dataloader
 from processing.data.sources import Deal, ReaderProgress, redeal
 from processing.data.stream import NoUsableSamplesError
-from tests.test_data import (  # noqa: F401  (processor is a fixture)
+from tests.test_data import (
     SEQ_LEN,
     caption,
     captions_parquet,
@@ -25,14 +24,20 @@ from tests.test_data import (  # noqa: F401  (processor is a fixture)
     config,
     find_key,
     png_bytes,
-    processor,
     samples_of,
+    tiny_processor,
 )
 
 
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
 def scenes(size: int, **overrides) -> DataConfig:
-    return DataConfig(**{"scenes_size": size, "rows_per_batch": 2, "max_images_per_batch": 8, "num_epochs": 1,
-                         **overrides})
+    return DataConfig(
+        **{"scenes_size": size, "rows_per_batch": 2, "max_images_per_batch": 8, "num_epochs": 1, **overrides}
+    )
 
 
 def saved(loader) -> dict:
@@ -305,16 +310,18 @@ def test_a_data_set_of_bad_examples_raises_naming_it_instead_of_hanging(processo
 
 
 def test_llava_json_with_a_wrong_image_root_raises_from_the_workers(processor, tmp_path):
-    data = config(chat_jsonl(tmp_path), dataset="json", image_root=str(tmp_path / "nowhere"), num_epochs=None,
-                  num_workers=2)
+    data = config(
+        chat_jsonl(tmp_path), dataset="json", image_root=str(tmp_path / "nowhere"), num_epochs=None, num_workers=2
+    )
     with time_limit(120), pytest.raises(NoUsableSamplesError, match=r"invalid_image x\d+, e\.g\. example \d+"):
         next(iter(build_train_dataloader(data, processor, SEQ_LEN)))
 
 
 def test_a_reader_with_an_empty_share_does_not_stop_the_others(processor):
     # 3 examples, 2 ranks x 2 workers: rank 1's second reader (reader 3) has nothing to read.
-    loader = build_train_dataloader(scenes(3, num_epochs=None, num_workers=2), processor, SEQ_LEN, rank=1,
-                                    world_size=2)
+    loader = build_train_dataloader(
+        scenes(3, num_epochs=None, num_workers=2), processor, SEQ_LEN, rank=1, world_size=2
+    )
     with time_limit(60):
         steps = train_steps([loader], 3)
     assert all(steps) and not loader.ended  # reader 1 reads position 1 of each epoch's order, over and over
@@ -328,9 +335,14 @@ def test_fewer_examples_than_ranks_is_refused_on_every_rank(processor):
 
 def test_redeal_in_isolation_leaves_exactly_the_unconsumed_positions():
     deal = Deal(20, 4, seed=1, shuffle=True)
-    # Reader 0 read 3 (all consumed), reader 1 read 5 of which the 2nd and 4th are buffered, 2 and 3 none.
-    progress = [ReaderProgress(0, 0, 3, []), ReaderProgress(1, 0, 1, [False, True, False, True]),
-                ReaderProgress(2, 0, 0, []), ReaderProgress(3, 0, 0, [])]
+    # Reader 0 read 3, all consumed; reader 1 read 5: the first consumed, then of the next four the 1st and 3rd are
+    # still buffered; readers 2 and 3 read nothing.
+    progress = [
+        ReaderProgress(0, 0, 3, []),
+        ReaderProgress(1, 0, 1, [False, True, False, True]),
+        ReaderProgress(2, 0, 0, []),
+        ReaderProgress(3, 0, 0, []),
+    ]
     redealt = redeal(deal, progress, readers=3, num_epochs=None)
     consumed = {0, 4, 8, 1, 9, 17}  # reader j reads positions j, j + 4, ...
     remaining = sorted(np.concatenate([redealt.share(0, j) for j in range(3)]).tolist())

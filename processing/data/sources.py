@@ -208,7 +208,7 @@ def _encode_bitmap(taken: np.ndarray) -> dict:
     """A taken set as its leading run of taken positions and a compressed bitmap of the window after it."""
     lead = len(taken) if taken.all() else int(np.argmin(taken))
     end = len(taken) - int(np.argmax(taken[::-1])) if taken.any() else 0
-    window = taken[lead:max(lead, end)]
+    window = taken[lead : max(lead, end)]
     bits = zlib.compress(np.packbits(window).tobytes(), 9)
     return {"lead": lead, "window": len(window), "bits": base64.b64encode(bits).decode("ascii")}
 
@@ -274,8 +274,8 @@ class StreamReader:
             for batch in self.stream.iter(batch_size=1):
                 example = {name: values[0] for name, values in batch.items()}
                 sample_id, opens_epoch = self.reader + self.in_epoch * self.readers, self.in_epoch == 0
-                self.stream_state, self.read, self.in_epoch = self.stream.state_dict(), self.read + 1, self.in_epoch + 1
-                read_this_epoch += 1
+                self.stream_state = self.stream.state_dict()
+                self.read, self.in_epoch, read_this_epoch = self.read + 1, self.in_epoch + 1, read_this_epoch + 1
                 key = f" (key {example['__key__']!r})" if "__key__" in example else ""
                 yield Example(sample_id, f"streamed example {sample_id}{key}", example, self.epoch, opens_epoch)
             if read_this_epoch == 0 and self.stream_state is None:

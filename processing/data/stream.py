@@ -99,7 +99,9 @@ class PackedBatchStream(IterableDataset):
         else:
             if self.deal.readers != self.world_size * num_workers:
                 raise ValueError(f"the deal is for {self.deal.readers} readers, not {self.world_size} x {num_workers}")
-            reader = MapReader(self.source, self.deal, reader_index(self.rank, self.world_size, worker), config.num_epochs)
+            reader = MapReader(
+                self.source, self.deal, reader_index(self.rank, self.world_size, worker), config.num_epochs
+            )
         buffer = PackingBuffer(
             self.seq_len,
             config.rows_per_batch,
