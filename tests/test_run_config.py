@@ -18,14 +18,14 @@ from accelerate.utils import DistributedType
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from train_lib.arguments import (  # noqa: E402
+from train_lib.arguments import (
     DEFAULT_CONFIG,
     LEARNING_RATES,
     SECTIONS,
     parse_arguments,
 )
-from train_lib.model_factory import build_model_and_processor, parameter_counts  # noqa: E402
-from train_lib.reporting import backend_name, describe_run, flops_per_token  # noqa: E402
+from train_lib.model_factory import build_model_and_processor, parameter_counts
+from train_lib.reporting import backend_name, describe_run, flops_per_token
 
 COMPOSED = ["--text_model", "some/llama", "--vision_model", "some/siglip2"]
 
