@@ -74,8 +74,8 @@ def describe_run(model_args, data_args, train_args, accelerator, total_params, t
     trains = "LoRA adapters + projector" if model_args.use_lora else model_args.train_parts
     lines = [
         f"model     {source}: {total_params / 1e6:.1f} M parameters, {trainable_params / 1e6:.2f} M trainable ({trains})",
-        f"data      {data_args.dataset} ({data_args.data_format}), rows of {data_args.seq_len} tokens, "
-        f"{data_args.rows_per_batch} rows × {train_args.gradient_accumulation_steps} micro-batches per process",
+        (f"data      {data_args.dataset} ({data_args.data_format}), rows of {data_args.seq_len} tokens, "
+         f"{data_args.rows_per_batch} rows × {train_args.gradient_accumulation_steps} micro-batches per process"),
         f"setup     {backend}, device {accelerator.device}, mixed precision {accelerator.mixed_precision}",
         f"run       {train_args.max_steps} steps, lr {train_args.learning_rate} ({train_args.lr_scheduler_type}, "
         f"{train_args.warmup_steps} warm-up), output {train_args.output_dir}"
@@ -94,7 +94,7 @@ def save_final(accelerator, model, processor, model_args, train_args) -> str:
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     unwrapped = accelerator.unwrap_model(model)
-    save_kwargs = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    save_kwargs = {"is_main_process": accelerator.is_main_process, "save_function": accelerator.save}
     unwrapped.save_pretrained(final_dir, state_dict=state_dict, **save_kwargs)
     if accelerator.is_main_process:
         processor.save_pretrained(final_dir)
