@@ -1,13 +1,17 @@
-"""A 2-process CPU (gloo) job for tests/test_distributed_checkpoints.py, launched with torchrun: a tiny model and
-optimizer checkpointed with `save_checkpoint` while one rank writes slowly, hangs mid-save (the test kills it), or
-runs out of disk. Each rank writes what it saw to `<output_dir>/report-<phase>-rank<R>.json`.
+"""A 2-process job for tests/test_distributed_checkpoints.py, launched with torchrun: a small model and optimizer
+checkpointed with `save_checkpoint` while one rank writes slowly, hangs mid-save (the test kills it), or runs out of
+disk. Each rank writes what it saw to `<output_dir>/report-<phase>-rank<R>.json`.
 
 Phases:
     save      steps 1-3, a checkpoint each; the slow rank sleeps before writing its part, and at --hang_at_step it
               writes its pid to `<output_dir>/hanging.pid` and sleeps until killed.
-    resume    resume from `latest`, then save step 3 again, then step 4 with the slow rank out of disk.
+    resume    resume from `latest`, then save step 3 again, then step 4 with the slow rank out of disk; with --vlm,
+              rank 0 also exports the newest checkpoint and compares it with the gathered weights.
     per_node  one process per "node", each with its own disk (`<output_dir>/node<N>`), save_on_each_node: save
               steps 1-2, then node 1 loses its step-2 before the rename; both nodes must resume from step 1.
+
+--backend picks accelerate's state layout: ddp (gloo on CPU, the CPU tests), or on 2 GPUs fsdp-sharded (DCP
+folders), fsdp-full, deepspeed-zero2. --vlm trains a tiny Llama3Siglip2 instead of a Linear layer.
 """
 
 from __future__ import annotations
@@ -24,19 +28,65 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
 from train_lib.checkpoints import (  # noqa: E402
     PARTIAL_PREFIX,
     CheckpointDiskFullError,
+    complete_checkpoints,
     load_trainer_state,
     resolve_resume,
     save_checkpoint,
 )
 
 
+def make_accelerator(backend: str, per_node: bool) -> Accelerator:
+    config = ProjectConfiguration(save_on_each_node=per_node)
+    if backend == "ddp":
+        return Accelerator(cpu=not torch.cuda.is_available(), project_config=config)
+    if backend.startswith("fsdp"):
+        from accelerate import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, state_dict_type="SHARDED_STATE_DICT" if backend == "fsdp-sharded" else "FULL_STATE_DICT",
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer", "Siglip2EncoderLayer"])
+        return Accelerator(fsdp_plugin=plugin, project_config=config)
+    from accelerate import DeepSpeedPlugin
+
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1),
+                              project_config=config)
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 2
+    return accelerator
+
+
+def build(vlm: bool, device):
+    """(model, a function step -> loss inputs, the `hf/` objects for save_checkpoint)."""
+    torch.manual_seed(0)
+    if not vlm:
+        return torch.nn.Linear(8, 4), lambda generator: {"input": torch.randn(4, 8, generator=generator)}, {}
+    from PIL import Image
+    from train_lib.arguments import ModelArguments
+    from train_lib.model_factory import build_scratch_model, scratch_tokenizer_corpus
+
+    args = ModelArguments(text_hidden_size=32, text_intermediate_size=64, text_heads=2, text_kv_heads=1,
+                          vision_hidden_size=16, vision_intermediate_size=32, vision_heads=2, max_patches=16)
+    model, processor = build_scratch_model(args, scratch_tokenizer_corpus())
+
+    def batch(generator):
+        colour = tuple(torch.randint(0, 256, (3,), generator=generator).tolist())
+        inputs = processor(text=[processor.image_token + " a red box and a blue box"] * 2,
+                           images=[[Image.new("RGB", (32, 32), colour)]] * 2, return_tensors="pt")
+        return {**inputs, "labels": inputs["input_ids"]}
+
+    return model, batch, {"model_config": model.config, "generation_config": model.generation_config,
+                          "processor": processor}
+
+
 def slow_down(accelerator, rank: int, seconds: float, hang_at_step: int | None, pid_file: str, steps: list[int],
               disk_full_at_step: int | None = None):
-    """Wrap accelerate's writer so that `rank` is slow (or hangs, or finds the disk full) while the others write."""
+    """Wrap accelerate's writer of the per-process files (RNG states; with DDP also the model and optimizer) so that
+    `rank` is slow, hangs, or finds the disk full while the others write."""
     import accelerate.accelerator
 
     original = accelerate.accelerator.save_accelerator_state
@@ -55,20 +105,48 @@ def slow_down(accelerator, rank: int, seconds: float, hang_at_step: int | None, 
     accelerate.accelerator.save_accelerator_state = save_accelerator_state
 
 
+def tensors(value):
+    """Every tensor in a nested state dict, as this process holds it (an FSDP2 DTensor: the local shard)."""
+    if isinstance(value, dict):
+        for key in sorted(value, key=str):
+            yield from tensors(value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors(item)
+    elif torch.is_tensor(value):
+        yield value.to_local() if hasattr(value, "to_local") else value
+
+
 def fingerprint(model, optimizer) -> dict:
-    """Weights, Adam moments and this process's torch RNG state, hashed: equal only if restored bit for bit."""
+    """Weights, optimizer state and this process's RNG states, hashed: equal only if restored bit for bit."""
     digest = hashlib.sha256()
-    for tensor in [*model.state_dict().values(), *(v for s in optimizer.state_dict()["state"].values()
-                                                    for v in s.values() if torch.is_tensor(v))]:
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in [*tensors(model.state_dict()), *tensors(optimizer.state_dict())]:
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    rng = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
     return {"weights_and_optimizer": digest.hexdigest(),
-            "rng": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()}
+            "rng": hashlib.sha256(b"".join(state.numpy().tobytes() for state in rng)).hexdigest()}
+
+
+def exported_weights_match(accelerator, model, output_dir) -> dict:
+    """Rank 0 exports the newest checkpoint; its weights must equal the gathered ones (a collective, all ranks)."""
+    full = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return {}
+    from export_checkpoint import export_checkpoint
+    from transformers import AutoModelForImageTextToText
+
+    folder = export_checkpoint(complete_checkpoints(output_dir)[-1], os.path.join(output_dir, "export"))
+    loaded = AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+    mismatched = [name for name, tensor in loaded.items() if not torch.equal(tensor, full[name].cpu())]
+    return {"exported_keys": len(loaded), "mismatched": mismatched}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--phase", choices=["save", "resume", "per_node"], required=True)
+    parser.add_argument("--backend", choices=["ddp", "fsdp-sharded", "fsdp-full", "deepspeed-zero2"], default="ddp")
+    parser.add_argument("--vlm", action="store_true")
     parser.add_argument("--slow_rank", type=int, default=1)
     parser.add_argument("--slow_seconds", type=float, default=0.0)
     parser.add_argument("--hang_at_step", type=int, default=None)
@@ -76,10 +154,9 @@ def main():
 
     per_node = args.phase == "per_node"
     output_dir = os.path.join(args.output_dir, f"node{os.environ['GROUP_RANK']}") if per_node else args.output_dir
-    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(save_on_each_node=per_node))
+    accelerator = make_accelerator(args.backend, per_node)
     rank = accelerator.process_index
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 4)
+    model, make_batch, hf_files = build(args.vlm, accelerator.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -90,13 +167,15 @@ def main():
     report: dict = {"rank": rank, "saved": {}}
 
     def train_and_save(step: int) -> None:
-        generator = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own batch
-        accelerator.backward(model(torch.randn(4, 8, generator=generator)).pow(2).mean())
+        batch = make_batch(torch.Generator().manual_seed(1000 * step + rank))  # each rank its own batch
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss = model(**batch).loss if args.vlm else model(batch["input"]).pow(2).mean()
+        accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
         steps.append(step)
-        save_checkpoint(accelerator, output_dir, step, {"step": step}, keep=2)
+        save_checkpoint(accelerator, output_dir, step, {"step": step}, keep=2, **hf_files)
         report["saved"][step] = fingerprint(model, optimizer)
 
     def write_report():
@@ -121,6 +200,8 @@ def main():
         report["resumed"] = fingerprint(model, optimizer)
     if args.phase == "resume":
         train_and_save(3)
+        if args.vlm:
+            report["export"] = exported_weights_match(accelerator, model, output_dir)
         try:
             train_and_save(4)
         except CheckpointDiskFullError as error:

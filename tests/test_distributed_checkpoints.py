@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -56,6 +57,21 @@ def reports(output_dir, phase):
     return [json.loads((Path(output_dir) / f"report-{phase}-rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
+def watch(job, root: Path, until, deadline_s=240) -> dict:
+    """Poll `root` until `until()` (or the job's end): how each `step-N` folder looked the moment it appeared."""
+    first_sight, deadline = {}, time.time() + deadline_s
+    while not until():
+        assert time.time() < deadline, f"timed out; first sight of the step folders: {first_sight}"
+        for name in os.listdir(root) if root.exists() else []:
+            if name.startswith("step-") and name not in first_sight:
+                folder = root / name
+                first_sight[name] = {"problem": checkpoint_problem(str(folder)), "files": sorted(os.listdir(folder))}
+        if job.poll() is not None:
+            break
+        time.sleep(0.005)
+    return first_sight
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
     """Steps 1-3 with rank 1 slow to write; at step 3 rank 1 hangs mid-save and is SIGKILLed. While it runs, every
@@ -63,17 +79,9 @@ def killed_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("killed-run")
     root, pid_file = output_dir / "checkpoints", output_dir / "hanging.pid"
     job = torchrun("--output_dir", output_dir, "--phase", "save", "--slow_seconds", SLOW_SECONDS, "--hang_at_step", 3)
-    first_sight, deadline = {}, time.time() + 240
     with stopped_on_failure(job):
-        while not pid_file.exists() or not (root / f"{PARTIAL_PREFIX}step-3").exists():
-            assert job.poll() is None, job.stdout.read()[-3000:]
-            assert time.time() < deadline, f"the job never reached its step-3 save; first sight: {first_sight}"
-            for name in os.listdir(root) if root.exists() else []:
-                if name.startswith("step-") and name not in first_sight:
-                    folder = root / name
-                    first_sight[name] = {"problem": checkpoint_problem(str(folder)),
-                                         "files": sorted(os.listdir(folder))}
-            time.sleep(0.005)
+        first_sight = watch(job, root, lambda: pid_file.exists() and (root / f"{PARTIAL_PREFIX}step-3").exists())
+        assert job.poll() is None, job.stdout.read()[-3000:]
         time.sleep(0.2)  # let rank 0 finish its part and wait at the barrier
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
         output, _ = job.communicate(timeout=120)
@@ -134,3 +142,30 @@ def test_per_node_copies_resume_from_the_newest_step_complete_on_every_node(tmp_
         assert f"random_states_{1 - rank}.pkl" not in report["own_files"]
         assert report["resumed_from"] == str(tmp_path / f"node{rank}" / "checkpoints" / "step-1")
         assert report["resumed"] == report["saved"]["1"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("backend", ["fsdp-sharded", "fsdp-full", "deepspeed-zero2"])
+def test_on_two_gpus_every_state_layout_saves_atomically_resumes_and_exports(tmp_path, backend):
+    """FSDP2 (sharded DCP folders, or full state) and DeepSpeed ZeRO-2 on 2 GPUs, a tiny Llama3Siglip2: step folders
+    complete at first sight with a slow rank, bit-exact resume, disk full on one rank, export equal to the weights."""
+    if backend.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    common = ("--output_dir", tmp_path, "--backend", backend, "--vlm")
+    job = torchrun(*common, "--phase", "save", "--slow_seconds", SLOW_SECONDS)
+    with stopped_on_failure(job):
+        first_sight = watch(job, tmp_path / "checkpoints", lambda: job.poll() is not None, deadline_s=400)
+        output, _ = job.communicate(timeout=60)
+    assert job.returncode == 0, output[-3000:]
+    assert set(first_sight) >= {"step-2", "step-3"} and all(s["problem"] is None for s in first_sight.values())
+    job = torchrun(*common, "--phase", "resume")
+    with stopped_on_failure(job):
+        output, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, output[-3000:]
+    for before, after in zip(reports(tmp_path, "save"), reports(tmp_path, "resume"), strict=True):
+        assert after["resumed_step"] == 3 and after["resumed"] == before["saved"]["3"]
+        assert "disk full while saving checkpoint" in after["disk_full_error"]
+        assert after["checkpoints_after"] == ["step-2", "step-3"]
+    export = reports(tmp_path, "resume")[0]["export"]
+    assert export["exported_keys"] > 0 and export["mismatched"] == []

@@ -111,7 +111,7 @@ def checkpoint_problem(checkpoint: str) -> str | None:
         return bad(MANIFEST, "is missing (the save did not finish)")
     except (ValueError, KeyError, TypeError):
         return bad(MANIFEST, "is not a valid manifest (cut short?)")
-    if TRAINER_STATE not in files:
+    if not isinstance(files, dict) or TRAINER_STATE not in files:
         return bad(TRAINER_STATE, "is not listed in the manifest")
     for name, expected in files.items():
         path = os.path.join(checkpoint, name)
@@ -119,9 +119,10 @@ def checkpoint_problem(checkpoint: str) -> str | None:
             size = os.stat(path).st_size
         except FileNotFoundError:
             return bad(name, "is missing")
-        if size != expected["size"]:
-            cut = " (truncated)" if size < expected["size"] else ""
-            return bad(name, f"is {size} bytes, the manifest says {expected['size']}{cut}")
+        expected_size = expected.get("size") if isinstance(expected, dict) else None
+        if size != expected_size:
+            cut = " (truncated)" if isinstance(expected_size, int) and size < expected_size else ""
+            return bad(name, f"is {size} bytes, the manifest says {expected_size}{cut}")
         if "sha256" in expected and _sha256(path) != expected["sha256"]:
             return bad(name, "does not match its sha256 in the manifest (corrupted)")
     return None
@@ -164,8 +165,9 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str, accelera
     views = [set(view) for view in _exchange(accelerator, good) if view is not None]
     common = set.intersection(*views) if views else set()
     if not common:
-        if any(views):
-            logger.warning("no checkpoint step is complete in every node's copy; starting from scratch")
+        if step_folders(output_dir):
+            logger.warning("no checkpoint in %s is complete (in every node's copy); starting from scratch",
+                           checkpoint_root(output_dir))
         return None
     step = max(common)
     if any(max(view) > step for view in views):
