@@ -5,13 +5,26 @@ load, we can: sharded safetensors, a full `Siglip2Model` or a vision-only one. T
 into the composed model; only the projector is new. The image special tokens are added to the tokenizer where missing,
 and the new embedding rows start at the mean of the old ones, so the new tokens begin "average" instead of random.
 
+The model's generation config ends generation at `<|end_of_text|>` and at the chat template's end of turn
+(`<|eot_id|>`, and `<|eom_id|>` where the tokenizer has it), as Llama 3 Instruct's does: a model fine-tuned on chats
+ends each answer with `<|eot_id|>`, and with `<|end_of_text|>` alone it would run on to `max_new_tokens`.
+`default_generation_config(tokenizer)` and `chat_eos_token_ids(tokenizer)` give the same to models built elsewhere
+(the training script's model from scratch).
+
 This module is not Hub-travelling: it is the way in, not part of a saved checkpoint.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, Siglip2Model, Siglip2VisionModel
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaForCausalLM,
+    Siglip2Model,
+    Siglip2VisionModel,
+)
 from transformers.image_processing_utils import ImageProcessingMixin
 
 from processing import Llama3Siglip2ImageProcessor, Llama3Siglip2Processor
@@ -41,6 +54,37 @@ def build_image_processor(vision_model: str, patch_size: int, **options) -> Llam
         if key in reference:
             options.setdefault(key, list(reference[key]))
     return Llama3Siglip2ImageProcessor(patch_size=patch_size, **options)
+
+
+# Tokens that end a Llama 3 reply: the end of the text, of a tool-call message (3.1+), of a turn.
+END_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+
+
+def chat_eos_token_ids(tokenizer, extra_ids=None) -> list[int]:
+    """The ids that end generation for a Llama 3 chat model: the tokenizer's eos, then those of `END_TOKENS` that are
+    tokens of the tokenizer, then `extra_ids` (an id or a list, e.g. a checkpoint's own), each once.
+
+    For a Llama 3.1 tokenizer this is Llama 3.1 Instruct's list, [128001, 128008, 128009].
+    """
+    ids: list[int] = []
+    for token in (tokenizer.eos_token, *END_TOKENS):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
+        if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    extra = [] if extra_ids is None else [extra_ids] if isinstance(extra_ids, int) else list(extra_ids)
+    return ids + [token_id for token_id in extra if token_id not in ids]
+
+
+def default_generation_config(tokenizer, pad_token_id: int | None = None) -> GenerationConfig:
+    """Greedy decoding that stops at any of `chat_eos_token_ids(tokenizer)`, with the tokenizer's bos and pad.
+
+    Set it on a newly built model: `model.generation_config = default_generation_config(processor.tokenizer)`.
+    """
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=chat_eos_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id if pad_token_id is None else pad_token_id,
+    )
 
 
 def resize_embeddings_to_mean(model, new_vocab_size: int) -> None:
@@ -120,7 +164,10 @@ def from_pretrained_components(
     if not config.tie_word_embeddings:
         model.lm_head.load_state_dict(text.lm_head.state_dict())
     model.tie_weights()
-    model.generation_config.bos_token_id = text.generation_config.bos_token_id
-    model.generation_config.eos_token_id = text.generation_config.eos_token_id
-    model.generation_config.pad_token_id = processor.pad_token_id
+    model.generation_config = default_generation_config(processor.tokenizer, processor.pad_token_id)
+    model.generation_config.eos_token_id = chat_eos_token_ids(
+        processor.tokenizer, text.generation_config.eos_token_id
+    )
+    if text.generation_config.bos_token_id is not None:
+        model.generation_config.bos_token_id = text.generation_config.bos_token_id
     return model, processor

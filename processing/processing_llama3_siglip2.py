@@ -30,9 +30,9 @@ Shape letters: B samples, S tokens per sample (padded), N images in the batch, L
 This file travels to the Hub with the model: it imports only torch, numpy, transformers and its siblings.
 """
 
+import itertools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,19 @@ from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .image_processing_llama3_siglip2 import Llama3Siglip2ImagesKwargs
+from .text_encoding import (
+    STRAY_MARK,
+    chat_segments,
+    control_token_pattern,
+    expand_image_tokens,
+    mark_control_tokens,
+    overlaps,
+    pad_to,
+    text_segments,
+    tokenize_segments,
+    truncate,
+    truncation_on,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -79,12 +92,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 _TEMPLATE_LITERAL_TOKENS = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
-# Private-use characters around the special-token strings of chat messages while the template renders, so that the
-# encoder can tell them (text) from the template's own control tokens. Any already in a message are removed first.
-_MARK_START, _MARK_END = "\U000f1000", "\U000f1001"
-_MARKED = re.compile(f"{_MARK_START}(.*?){_MARK_END}", re.DOTALL)
-_STRAY_MARK = re.compile(f"[{_MARK_START}{_MARK_END}]")
-
 # Tokenizer options the processor does not offer: each would return something the model cannot take.
 _UNSUPPORTED_TEXT_KWARGS = (
     "text_pair", "text_target", "text_pair_target", "is_split_into_words", "return_overflowing_tokens", "stride",
@@ -118,16 +125,6 @@ _PROCESSOR_CALL_KWARGS = (
     | frozenset(Llama3Siglip2ImagesKwargs.__annotations__)
     | frozenset(Llama3Siglip2ProcessorKwargs.__annotations__)
 )
-
-
-@dataclass
-class _Row:
-    """One sample's tokens while they are built: ids, character offsets, and where the images are."""
-
-    ids: list[int]
-    offsets: list[tuple[int, int]]
-    in_image: list[bool] = field(default_factory=list)
-    image_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Llama3Siglip2Processor(ProcessorMixin):
@@ -225,7 +222,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         images_per_sample = self._images_per_sample(texts, images)
         if split:
             self._warn_on_template_tokens(texts)
-        samples = [self._text_segments(sample, split) for sample in texts]
+        samples = [text_segments(sample, self.image_token, split) for sample in texts]
         return self._encode_batch(samples, images_per_sample, images_kwargs, **settings)
 
     def process_sample(
@@ -250,7 +247,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         if append_eos and eos is None:
             raise ValueError("append_eos=True but the tokenizer has no eos_token")
         images_per_sample = self._images_per_sample([text], [list(images or [])])
-        segments = self._text_segments(text, split_special_tokens)
+        segments = text_segments(text, self.image_token, split_special_tokens)
         if append_eos:
             segments.append(("trusted", eos, len(text)))
         return self._encode_batch(
@@ -286,7 +283,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
                 "the chat has no assistant turn to learn from (or the chat template has no {% generation %} block)"
             )
         out = self._encode_batch(
-            [_chat_segments(rendered[0])],
+            [chat_segments(rendered[0])],
             [chat_images],
             {"padding": "longest"},
             generation_spans=spans,
@@ -350,10 +347,10 @@ class Llama3Siglip2Processor(ProcessorMixin):
         settings, images_kwargs, split = self._call_settings(processor_kwargs)
         rendered, spans = self._render_chats(chats, template, split, return_assistant_tokens_mask, **render)
         bos = self.tokenizer.bos_token
-        if bos and all(_STRAY_MARK.sub("", chat).startswith(bos) for chat in rendered):
+        if bos and all(STRAY_MARK.sub("", chat).startswith(bos) for chat in rendered):
             settings["add_special_tokens"] = False  # the template wrote it
         out = self._encode_batch(
-            [_chat_segments(chat) for chat in rendered],
+            [chat_segments(chat) for chat in rendered],
             chat_images,
             images_kwargs,
             generation_spans=spans if return_assistant_tokens_mask else None,
@@ -402,11 +399,16 @@ class Llama3Siglip2Processor(ProcessorMixin):
         return settings, images_kwargs, bool(split)
 
     def _resolve_template(self, chat_template: str | None) -> str:
-        template = chat_template or self.chat_template
-        if isinstance(template, dict):
-            template = template.get(chat_template or "default") if chat_template in (None, *template) else template
-            if isinstance(template, dict):
-                raise ValueError(f"choose one of the processor's chat templates: {', '.join(template)}")
+        """`chat_template` (a template, or the name of one of the processor's), else the processor's ("default"
+        where it has several), checked by `_check_template_tokens`."""
+        templates = self.chat_template
+        if isinstance(templates, dict):
+            template = templates.get(chat_template or "default", chat_template)
+        else:
+            template = chat_template or templates
+        if template is None:
+            names = f" (it has {', '.join(templates)})" if isinstance(templates, dict) else ""
+            raise ValueError(f"no chat template given and the processor has no default one{names}")
         self._check_template_tokens(template)
         return template
 
@@ -427,18 +429,11 @@ class Llama3Siglip2Processor(ProcessorMixin):
                 f"use a Llama 3 tokenizer or pass a chat_template written for this one"
             )
 
-    def _control_token_pattern(self) -> re.Pattern:
-        """The special tokens that text must not write: every special added token but the image placeholder."""
-        tokens = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
-        tokens.discard(self.image_token)
-        longest_first = sorted(tokens, key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
-
     def _render_chats(self, chats, template: str, mark: bool, assistant_mask: bool = False, **render):
-        """The chats through the template; with `mark`, their special-token strings wrapped for `_chat_segments`."""
+        """The chats through the template; with `mark`, their special-token strings wrapped for `chat_segments`."""
         if mark:
-            pattern = self._control_token_pattern()
-            chats = [_mark_control_tokens(chat, pattern) for chat in chats]
+            pattern = control_token_pattern(self.tokenizer, self.image_token)
+            chats = [mark_control_tokens(chat, pattern) for chat in chats]
         return render_jinja_template(
             conversations=chats,
             chat_template=template,
@@ -459,101 +454,6 @@ class Llama3Siglip2Processor(ProcessorMixin):
             )
 
     # Encoding.
-
-    def _text_segments(self, text: str, split: bool) -> list[tuple[str, str, int]]:
-        """(kind, piece, start) pieces of `text`: "text" pieces (special-token strings split), "image" placeholders,
-        or, without `split`, the whole text as one "trusted" piece."""
-        if not split:
-            return [("trusted", text, 0)]
-        segments, start = [], 0
-        for match in re.finditer(re.escape(self.image_token), text):
-            segments += [("text", text[start : match.start()], start), ("image", match.group(), match.start())]
-            start = match.end()
-        return [*segments, ("text", text[start:], start)]
-
-    def _special_tokens_around(self) -> tuple[list[int], list[int]]:
-        """The ids the tokenizer puts before and after a sequence with `add_special_tokens=True` (bos for Llama 3)."""
-        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        for start in range(len(full) - len(bare) + 1):
-            if full[start : start + len(bare)] == bare:
-                return full[:start], full[start + len(bare) :]
-        return [], []
-
-    def _tokenize(self, samples: list[list[tuple[str, str, int]]], add_special_tokens: bool) -> list[_Row]:
-        """Encode each sample's pieces (two batched tokenizer calls, one per kind) into one row of ids and offsets."""
-        jobs: dict[str, list[tuple[int, int, str]]] = {"text": [], "trusted": []}
-        for s, segments in enumerate(samples):
-            for k, (kind, piece, _) in enumerate(segments):
-                if kind != "image" and piece:
-                    jobs[kind].append((s, k, piece))
-        encoded = {}
-        for kind in ("text", "trusted"):  # trusted last: the fast tokenizer keeps the last split setting
-            if jobs[kind]:
-                out = self.tokenizer([piece for _, _, piece in jobs[kind]], add_special_tokens=False,
-                                     split_special_tokens=kind == "text", return_offsets_mapping=True)
-                for (s, k, _), ids, offsets in zip(jobs[kind], out["input_ids"], out["offset_mapping"]):
-                    encoded[s, k] = ids, offsets
-        prefix, suffix = self._special_tokens_around() if add_special_tokens else ([], [])
-        rows = []
-        for s, segments in enumerate(samples):
-            row = _Row(list(prefix), [(0, 0)] * len(prefix))
-            for k, (kind, piece, start) in enumerate(segments):
-                if kind == "image":
-                    row.ids.append(self.image_token_id)
-                    row.offsets.append((start, start + len(piece)))
-                elif (s, k) in encoded:
-                    ids, offsets = encoded[s, k]
-                    row.ids += ids
-                    row.offsets += [(start + a, start + b) for a, b in offsets]
-            row.ids += suffix
-            row.offsets += [(0, 0)] * len(suffix)
-            rows.append(row)
-        return rows
-
-    def _expand_image_tokens(self, rows: list[_Row], images_per_sample: list[list[Any]], tokens_per_image: list[int]):
-        """Replace the i-th `<|image|>` id with boi + image × tokens_per_image[i] + eoi, in place."""
-        counts = iter(tokens_per_image)
-        for index, (row, sample_images) in enumerate(zip(rows, images_per_sample)):
-            found = row.ids.count(self.image_token_id)
-            if found != len(sample_images):
-                raise ValueError(
-                    f"sample {index}: {len(sample_images)} images but the tokenizer produced {found} "
-                    f"{self.image_token} tokens; is {self.image_token} a special token of the tokenizer?"
-                )
-            ids, offsets, in_image, spans = [], [], [], []
-            for token, offset in zip(row.ids, row.offsets):
-                if token == self.image_token_id:
-                    n = next(counts)
-                    spans.append((len(ids), len(ids) + n + 2))
-                    ids += [self.boi_token_id] + [self.image_token_id] * n + [self.eoi_token_id]
-                    offsets += [offset] * (n + 2)
-                    in_image += [True] * (n + 2)
-                else:
-                    ids.append(token)
-                    offsets.append(offset)
-                    in_image.append(False)
-            row.ids, row.offsets, row.in_image, row.image_spans = ids, offsets, in_image, spans
-
-    def _truncate(self, row: _Row, max_length: int, index: int) -> _Row:
-        """Keep `max_length` tokens on the tokenizer's truncation side; refuse to cut into (or away) an image."""
-        excess = len(row.ids) - max_length
-        if excess <= 0:
-            return row
-        left = self.tokenizer.truncation_side == "left"
-        low, high = (excess, len(row.ids)) if left else (0, max_length)
-        cut = [n for n, (start, end) in enumerate(row.image_spans) if start < low or end > high]
-        if cut:
-            start, end = row.image_spans[cut[0]]
-            spans = row.image_spans
-            needed = len(row.ids) - min(s for s, _ in spans) if left else max(e for _, e in spans)
-            raise ValueError(
-                f"sample {index}: truncation to max_length={max_length} would cut image {cut[0]} (its {end - start} "
-                f"tokens are positions {start}..{end - 1} of {len(row.ids)}); images are never cut. Use max_length "
-                f">= {needed}, truncation=False, or fewer or smaller images"
-            )
-        keep = slice(low, high)
-        return _Row(row.ids[keep], row.offsets[keep], row.in_image[keep], [(s - low, e - low) for s, e in row.image_spans])
 
     def _encode_batch(
         self,
@@ -583,16 +483,24 @@ class Llama3Siglip2Processor(ProcessorMixin):
             tokens_per_image = self.image_processor.num_image_tokens(
                 image_data["spatial_shapes"], images_kwargs.get("merge_size")
             )
-        rows = self._tokenize(samples, add_special_tokens)
-        self._expand_image_tokens(rows, images_per_sample, tokens_per_image)
-        if _truncation_on(truncation):
+        rows = tokenize_segments(self.tokenizer, samples, self.image_token_id, add_special_tokens)
+        for index, (row, sample_images) in enumerate(zip(rows, images_per_sample)):
+            if (found := row.ids.count(self.image_token_id)) != len(sample_images):
+                raise ValueError(
+                    f"sample {index}: {len(sample_images)} images but the tokenizer produced {found} "
+                    f"{self.image_token} tokens; is {self.image_token} a special token of the tokenizer?"
+                )
+        expand_image_tokens(rows, tokens_per_image, self.image_token_id, self.boi_token_id, self.eoi_token_id)
+        if truncation_on(truncation):
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
-            rows = [self._truncate(row, limit, index) for index, row in enumerate(rows)]
+            side = self.tokenizer.truncation_side
+            rows = [truncate(row, limit, side, index) for index, row in enumerate(rows)]
 
+        pads_to_max_length = getattr(padding, "value", padding) == "max_length"
         padded = self.tokenizer.pad(
             {"input_ids": [row.ids for row in rows]},
             padding=padding,
-            max_length=max_length,
+            max_length=max_length if pads_to_max_length else None,  # truncation is ours, done above
             pad_to_multiple_of=pad_to_multiple_of,
             padding_side=padding_side,
             return_attention_mask=True,
@@ -609,7 +517,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         if return_assistant_tokens_mask:
             spans = generation_spans or [[] for _ in rows]
             per_token["assistant_masks"] = [
-                [int(not image and _overlaps(offset, sample_spans)) for offset, image in zip(row.offsets, row.in_image)]
+                [int(not image and overlaps(offset, sample_spans)) for offset, image in zip(row.offsets, row.in_image)]
                 for row, sample_spans in zip(rows, spans)
             ], 0
         if return_mm_token_type_ids:
@@ -617,7 +525,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         if return_offsets_mapping:
             per_token["offset_mapping"] = [row.offsets for row in rows], (0, 0)
         for name, (values, fill) in per_token.items():
-            text_data[name] = [_pad(v, len(ids), fill, side) for v, ids in zip(values, padded["input_ids"])]
+            text_data[name] = [pad_to(v, len(ids), fill, side) for v, ids in zip(values, padded["input_ids"])]
         return BatchFeature({**BatchFeature(text_data, tensor_type=return_tensors), **image_data})
 
     def _process_images(self, images: Any, return_tensors: str | None, images_kwargs: dict) -> dict[str, Any]:
@@ -649,55 +557,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
                 f"{len(images)} images"
             )
         starts = np.cumsum([0, *placeholders]).tolist()
-        return [list(images[start:end]) for start, end in zip(starts[:-1], starts[1:])]
-
-
-def _truncation_on(truncation: Any) -> bool:
-    value = getattr(truncation, "value", truncation)
-    if value in ("only_second",):
-        raise ValueError("truncation='only_second' needs text pairs, which Llama3Siglip2Processor does not take")
-    return value not in (None, False, "do_not_truncate")
-
-
-def _pad(values: list[Any], length: int, fill: Any, side: str) -> list[Any]:
-    padding = [fill] * (length - len(values))
-    return padding + values if side == "left" else values + padding
-
-
-def _overlaps(offset: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
-    start, end = offset
-    return any(start < span_end and end > span_start for span_start, span_end in spans)
-
-
-def _mark_control_tokens(obj: Any, pattern: re.Pattern) -> Any:
-    """`obj` (a message, its content, a part) with every special-token string in its strings wrapped in markers."""
-    if isinstance(obj, str):
-        obj = _STRAY_MARK.sub("", obj)
-        return pattern.sub(lambda match: _MARK_START + match.group() + _MARK_END, obj)
-    if isinstance(obj, dict):
-        return {key: _mark_control_tokens(value, pattern) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_mark_control_tokens(value, pattern) for value in obj]
-    return obj
-
-
-def _chat_segments(rendered: str) -> list[tuple[str, str, int]]:
-    """(kind, piece, start) pieces of a rendered chat: marked strings from the messages are "text", the rest (the
-    template's own tokens and the messages' plain text) "trusted". Stray markers (a template that split a marked
-    string) are dropped. Starts are positions in `rendered`, the string the generation spans index."""
-    pieces, start = [], 0
-    for match in _MARKED.finditer(rendered):
-        pieces += [("trusted", start, match.start()), ("text", match.start(1), match.end(1))]
-        start = match.end()
-    pieces.append(("trusted", start, len(rendered)))
-    segments = []
-    for kind, begin, end in pieces:
-        cursor = begin
-        for stray in _STRAY_MARK.finditer(rendered, begin, end):
-            segments.append((kind, rendered[cursor : stray.start()], cursor))
-            cursor = stray.end()
-        segments.append((kind, rendered[cursor:end], cursor))
-    return [segment for segment in segments if segment[1]]
+        return [list(images[start:end]) for start, end in itertools.pairwise(starts)]
 
 
 def _images_of_messages(messages: Sequence[dict], images: Sequence[Any] | None) -> list[Any]:

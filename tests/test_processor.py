@@ -29,7 +29,9 @@ from processing import (
 
 CORPUS = ["a red box and a blue box", "Describe the image. What colour is the box?", "user assistant system"]
 PROCESSING_DIR = Path(__file__).resolve().parent.parent / "processing"
-HUB_FILES = ("processing_llama3_siglip2.py", "image_processing_llama3_siglip2.py", "image_loading.py")
+HUB_FILES = (
+    "processing_llama3_siglip2.py", "text_encoding.py", "image_processing_llama3_siglip2.py", "image_loading.py",
+)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "logo", "camera", "retina")
 
 
