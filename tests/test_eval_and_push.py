@@ -345,13 +345,15 @@ def test_the_card_usage_code_runs_on_the_local_final_folder(saved_tiny, tmp_path
 # ----------------------------------------------------------------------------------------------- LoRA base
 
 
-def test_lora_from_scratch_saves_its_base_so_final_alone_loads_in_peft(tmp_path):
+LORA = ["--max_steps", 4, "--use_lora", "true", "--lora_r", 4, "--learning_rate", 1e-2, "--save_merged_lora", "true"]
+
+
+def test_lora_from_scratch_saves_its_base_so_final_alone_loads_in_peft(tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     run = tmp_path / "run"
-    run_in_process("--output_dir", run, "--max_steps", 4, "--use_lora", "true", "--lora_r", 4, "--learning_rate",
-                   1e-2, "--save_merged_lora", "true")
+    run_in_process("--output_dir", run, *LORA)
     moved = tmp_path / "elsewhere"
     shutil.copytree(run / "final", moved)  # nothing outside final/ is needed
     shutil.rmtree(run)
@@ -368,6 +370,15 @@ def test_lora_from_scratch_saves_its_base_so_final_alone_loads_in_peft(tmp_path)
         merged_logits = AutoModelForImageTextToText.from_pretrained(moved / "merged").eval()(input_ids=ids).logits
     assert not torch.allclose(base_logits, adapter_logits)
     torch.testing.assert_close(adapter_logits, merged_logits, atol=1e-4, rtol=1e-4)
+
+    # The model card's usage code loads the adapter on that base too.
+    card = card_for(moved, [*TINY, *LORA])
+    assert card.data.library_name == "peft"
+    code = card.text.split("```python\n")[1].split("```")[0]
+    assert str(moved / "base") in code
+    Image.new("RGB", (64, 48), "blue").save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "usage", "exec"), {})  # noqa: S102 - the card's own snippet, as a reader would run it
 
 
 # ----------------------------------------------------------------------------------------------- push

@@ -165,10 +165,11 @@ def evaluation_section(data_args, report: dict) -> str:
         rows.append((measure, fmt(report["eval_loss"])))
     names = {"eval_exact_match_before": "scenes exact match, before training",
              "eval_exact_match": "scenes exact match",
-             "eval_exact_match_blank_images": "scenes exact match with blank images (should be near chance)"}
+             "eval_exact_match_blank_images": "scenes exact match, every image blank (near chance if the model reads "
+                                              "the image)"}
     for key, name in names.items():
         if report.get(key) is not None:
-            rows.append((f"{name} ({data_args.eval_samples} held-out scenes)", f"{100 * report[key]:.1f} %"))
+            rows.append((f"{name}, {data_args.eval_samples} held-out scenes", f"{100 * report[key]:.1f} %"))
     if not rows:
         return "## Evaluation\n\nNone in this run (see `--eval_split`, `--eval_data_files`)."
     table = "| measure | value |\n| --- | --- |\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
@@ -191,7 +192,7 @@ def usage_section(where: str, model_args, is_hub: bool) -> str:
         else:
             base = (f'AutoModelForImageTextToText.from_pretrained("{os.path.join(where, LORA_BASE_FOLDER)}", '
                     "trust_remote_code=True)")
-        load = f'{load}from peft import PeftModel\n\nmodel = PeftModel.from_pretrained({base}, "{where}")\n'
+        load = f'{load}from peft import PeftModel\n\nbase = {base}\nmodel = PeftModel.from_pretrained(base, "{where}")\n'
     else:
         load += f'\nmodel = AutoModelForImageTextToText.from_pretrained("{where}", trust_remote_code=True)\n'
     code = (
