@@ -32,6 +32,13 @@ class Workload:
 
 
 TINY_WORKLOAD = Workload(16, 64, 4, 20, batch_size=8, seq_len=256, rows=2, long_seq_len=512)
+# Images that vary as real ones do (a NaFlex budget of 1024 patches: 64 to 1024 per image, any aspect ratio), so the
+# padded patch length L and the image count N both change every batch: the case for bounding compiled graphs.
+WORKLOADS = {
+    "caption": (Workload(), TINY_WORKLOAD),
+    "varied": (Workload(min_patches=64, max_patches=1024, batch_size=16),
+               Workload(16, 256, 4, 20, batch_size=8, seq_len=512, rows=2, long_seq_len=1024)),
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,12 @@ class Batch:
     image_patches: list  # h·w of each image
     image_tokens: int
 
+    @property
+    def padded_patches(self) -> int:
+        """N · L: the patches the encoder computes, padding included."""
+        pixels = self.tensors.get("pixel_values")
+        return 0 if pixels is None else pixels.shape[0] * pixels.shape[1]
+
 
 def describe(tensors: dict, samples: list[dict], tokens: int, merge: int) -> Batch:
     shapes = tensors["spatial_shapes"].tolist()
@@ -136,3 +149,16 @@ def packed_batches(stream, collator: MultimodalPackingCollator, rows: int, count
         placed_set = set(placed)
         pending = [s for i, s in enumerate(pending) if i not in placed_set]
     return batches
+
+
+def bucket_patch_length(batch: Batch, multiple: int) -> Batch:
+    """Pad the batch's patch length L up to a multiple of `multiple` (masked patches, which change no valid output),
+    so that static encoder graphs see a few lengths instead of one per batch."""
+    pixels, mask = batch.tensors.get("pixel_values"), batch.tensors.get("pixel_attention_mask")
+    if pixels is None or pixels.shape[1] % multiple == 0:
+        return batch
+    extra = -pixels.shape[1] % multiple
+    tensors = dict(batch.tensors, pixel_values=torch.nn.functional.pad(pixels, (0, 0, 0, extra)),
+                   pixel_attention_mask=torch.nn.functional.pad(mask, (0, extra)))
+    return Batch(tensors, batch.tokens, batch.real_tokens, batch.target_tokens, batch.sample_lengths,
+                 batch.image_patches, batch.image_tokens)

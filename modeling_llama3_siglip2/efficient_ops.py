@@ -213,27 +213,47 @@ def use_grouped_position_embeddings(vision_tower: nn.Module, enabled: bool = Tru
     return len(embeddings)
 
 
-def compile_layers(model: nn.Module, **compile_kwargs) -> int:
+def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", **compile_kwargs) -> int:
     """`torch.compile` each Llama decoder layer and SigLIP2 encoder layer in place; returns how many.
 
     Layers rather than the whole model: the repeated block is compiled once and reused, the Python between layers
-    (masks, the image scatter with its host syncs) stays eager, and graph breaks there cost nothing. The encoder
-    layers default to dynamic shapes: the images' count and padded length change every batch, and a first static
-    compile would only be thrown away. Packed decoder rows keep one shape, so the decoder stays static.
+    (masks, the image scatter with its host syncs) stays eager, and graph breaks there cost nothing. Packed decoder
+    rows keep one shape, so the decoder stays static. The images' count N and padded length L change every batch,
+    so the encoder layers must not compile one graph per shape; `vision_shapes` says how:
+
+    - "dynamic": every dimension symbolic from the first call: one graph for any N and L.
+    - "bucket": N symbolic (marked on the encoder's inputs before each call), L static: one graph per padded length,
+      for batches whose L is padded to a few sizes (e.g. multiples of 256); padding costs encoder work, but the
+      kernels see static lengths.
+
+    Decoder and encoder layers share transformers' `forward_with_checkpointing` frame, so they count against one
+    `torch._dynamo.config.cache_size_limit` (8 by default): two graphs, plus one per bucket.
     """
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2Encoder, Siglip2EncoderLayer
 
+    if vision_shapes not in ("dynamic", "bucket"):
+        raise ValueError(f'vision_shapes must be "dynamic" or "bucket", got {vision_shapes!r}')
     count = 0
     for module in model.modules():
         if isinstance(module, LlamaDecoderLayer):
             module.compile(**compile_kwargs)
         elif isinstance(module, Siglip2EncoderLayer):
-            module.compile(**{"dynamic": True, **compile_kwargs})
+            module.compile(**{"dynamic": vision_shapes == "dynamic", **compile_kwargs})
+        elif isinstance(module, Siglip2Encoder) and vision_shapes == "bucket":
+            module.register_forward_pre_hook(_mark_image_count_dynamic, with_kwargs=True)
+            continue
         else:
             continue
         count += 1
     return count
+
+
+def _mark_image_count_dynamic(module, args, kwargs):
+    """Before the (eager) encoder runs its compiled layers: dimension 0 of its inputs, the image count, is symbolic."""
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value) and value.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
 
 
 def use_decoder_attention(model: nn.Module, implementation: str) -> None:
