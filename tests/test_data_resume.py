@@ -195,6 +195,18 @@ def test_a_chain_of_layouts_over_two_epochs_delivers_every_sample_once_per_epoch
     assert sorted(ids) == sorted(list(range(80)) * 2)
 
 
+def test_a_resume_on_the_same_layout_after_a_redeal_continues_exactly(processor):
+    data = scenes(120)
+    ranks = build_ranks(data, processor, 2)
+    train_steps(ranks, 2)
+    states = [saved(loader) for loader in ranks]
+    redealt = build_ranks(data, processor, 3, states)
+    train_steps(redealt, 2)
+    states_after = [saved(loader) for loader in redealt]
+    expected = train_steps(redealt, 3)
+    assert train_steps(build_ranks(data, processor, 3, states_after), 3) == expected
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     size=st.integers(8, 60),

@@ -16,8 +16,11 @@ an epoch has consumed so far can be computed from all readers' (epoch, cursor) a
 old readers' frontier first, then the tail), reader j' taking every J'-th of them, and later epochs are dealt as
 usual. A `Deal` keeps, for each partly consumed epoch, the set already taken as the count of leading taken positions
 and a zlib-compressed bitmap of the window after it up to the last taken one. The window spans the spread of the
-old readers' frontiers and the samples they had buffered, not the epoch, so it does not grow with training length
-(for 1M examples, 32 readers, a bitmap of a few kB; measured in tests/test_data_resume.py).
+old readers' frontiers and the samples they had buffered, not the epoch: it grows only as that spread does (about
+as the square root of the steps), never past N / 8 bytes before compression. Measured on 1M scenes examples: 4
+ranks after 400 steps each had cursors 43 apart, and the deal re-dealt to 3 ranks was 142 bytes (a window of 266
+positions); 32 readers whose cursors are 600 apart, a much longer run's spread, give 1.2 kB
+(tests/test_data_resume.py). A rank's whole state is under 1 kB plus the deal.
 
 Streams (`IterableDataset`) are split across ranks and then workers with `split_dataset_by_node`, which makes
 reader rank * K + worker of J; each keeps its position with `IterableDataset.state_dict()`. Its id for the n-th
@@ -75,6 +78,10 @@ def open_source(config, rank: int = 0, world_size: int = 1, image_token: str | N
     )
     data = without_image_decoding(data)
     return split_dataset_by_node(data, rank=rank, world_size=world_size) if config.streaming else data
+
+
+def is_stream(source) -> bool:
+    return isinstance(source, IterableDataset)
 
 
 def column_names(source) -> list[str]:

@@ -36,6 +36,7 @@ from .sources import (
     ReaderProgress,
     StreamReader,
     column_names,
+    is_stream,
     open_source,
     reader_index,
 )
@@ -59,7 +60,7 @@ class PackedBatchStream(IterableDataset):
         self.config, self.seq_len, self.rank, self.world_size = config, seq_len, rank, world_size
         self.source = open_source(config, rank, world_size, image_token=processor.image_token)
         self.deal: Deal | None = None  # None for streams
-        if not config.streaming:
+        if not is_stream(self.source):
             if len(self.source) < world_size:
                 raise ValueError(
                     f"{describe_data(config)} has {len(self.source)} examples, fewer than the {world_size} ranks: "
@@ -109,7 +110,7 @@ class PackedBatchStream(IterableDataset):
             config.packing_lookahead,
             config.packing_max_wait,
         )
-        # A later pass over the loader starts where this one ends, not again from the restored state.
+        # A later pass over the loader starts afresh, as torchdata's does, not again from the restored state.
         resume, self._resume_state = self._resume_state, None
         self._live = _WorkerProgress(worker, reader, buffer, resume)
         return self._batches(self._live)
