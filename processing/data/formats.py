@@ -43,18 +43,8 @@ MISSING_FIELD = "missing_field"  # a column or key the format needs is absent or
 MALFORMED_EXAMPLE = "malformed_example"  # a field of the wrong type: a number for text, a string for a list, ...
 UNKNOWN_ROLE = "unknown_role"
 PROCESSOR_ERROR = "processor_error"  # any other ValueError the processor raises for this example
-SKIP_REASONS = (
-    INVALID_IMAGE,
-    PATH_OUTSIDE_IMAGE_ROOT,
-    PLACEHOLDER_MISMATCH,
-    TOO_LONG,
-    TOO_MANY_IMAGES,
-    EMPTY_TEXT,
-    MISSING_FIELD,
-    MALFORMED_EXAMPLE,
-    UNKNOWN_ROLE,
-    PROCESSOR_ERROR,
-)
+SKIP_REASONS = (INVALID_IMAGE, PATH_OUTSIDE_IMAGE_ROOT, PLACEHOLDER_MISMATCH, TOO_LONG, TOO_MANY_IMAGES, EMPTY_TEXT)
+SKIP_REASONS += (MISSING_FIELD, MALFORMED_EXAMPLE, UNKNOWN_ROLE, PROCESSOR_ERROR)
 UNEXPECTED_PREFIX = "unexpected_"  # + the exception's type: anything else that failed; see `SampleMaker.__call__`
 
 FORMATS = ("caption", "interleaved", "chat", "text")
@@ -146,25 +136,24 @@ def webdataset_features(features: Mapping | None, columns: ColumnMap):
 
     `datasets` infers a webdataset's features from the first 5 samples of its first tar: it drops a file type that
     only later samples have, and refuses the tar when those 5 differ. Given the inferred `features`, this adds the
-    image and text columns that `columns` names (in auto format, a `.txt` caption beside an image column, the
-    webdataset convention) where they are missing. Given None (the tar was refused), it builds the features from
-    the named image and text columns alone, or returns None when they are not both named. Samples without such a
-    file then have None there, which `SampleMaker` counts as a skip.
+    image and text columns that `columns` names where they are missing (with no text column named, `txt`: the
+    webdataset convention for a caption). Given None (the tar was refused), it builds the features from the named
+    image and text columns alone, or returns None unless both are named. Samples without such a file then have None
+    there, which `SampleMaker` counts as a skip.
     """
     from datasets import Features, Image, Value
 
-    present = dict(features or {})
-    wanted = {columns.image: Image(decode=False), columns.text: Value("string")}
-    if columns.format == "auto" and columns.text is None:
-        if any(name in present for name in IMAGE_COLUMNS) and not any(name in present for name in CAPTION_COLUMNS):
-            wanted["txt"] = Value("string")
-    missing = {name: kind for name, kind in wanted.items() if name is not None and name not in present}
     if features is None and (columns.image is None or columns.text is None):
         return None
+    present = dict(features or {})
+    wanted = {columns.image: Image(decode=False), columns.text or "txt": Value("string")}
+    if columns.text is None and any(name in present for name in CAPTION_COLUMNS):
+        del wanted["txt"]
+    missing = {name: kind for name, kind in wanted.items() if name is not None and name not in present}
     if features is not None and not missing:
         return None
-    keys = {name: Value("string") for name in WEBDATASET_COLUMNS}
-    return Features({**present, **missing, **{k: v for k, v in keys.items() if k not in present}})
+    keys = {name: Value("string") for name in WEBDATASET_COLUMNS if name not in present}
+    return Features({**present, **missing, **keys})
 
 
 class SampleMaker:
@@ -207,8 +196,7 @@ class SampleMaker:
             where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
             if reason not in _logged_unexpected:
                 _logged_unexpected.add(reason)
-                logger.warning("%s: %s while making a sample, counted as %r", name, type(error).__name__, reason,
-                               exc_info=error)
+                logger.warning("%s: %s while making a sample, counted as %r", name, error, reason, exc_info=error)
             raise SkippedSample(reason, f"{type(error).__name__} at {where}: {error}") from error
 
     def _make(self, example: Mapping) -> PackedSample:
