@@ -55,6 +55,7 @@ class Run:
     result: dict | None = None
     error: str | None = None
     wall_s: float = 0.0
+    timeout: float = 300.0
     extra: list = field(default_factory=list)
 
     def expected_s(self, tiny: bool) -> float:
@@ -64,24 +65,25 @@ class Run:
 
 
 def plan_runs(args) -> list[Run]:
-    """Baseline runs first and last, so that any drift over the session shows between them."""
-    names = parse_variant_names(args.variants)
+    """In the order given, with the graph check after them; the last baseline run goes to the very end (and its time
+    is kept in reserve), so that any drift over the session shows between the two baseline runs."""
     runs = []
-    for name in names:
+    for name in parse_variant_names(args.variants):
         count = args.baseline_runs if VARIANTS[name].is_baseline else args.repeats
         runs += [Run(name if count == 1 else f"{name} #{i + 1}", name, repeat=i + 1) for i in range(count)]
-    baselines = [r for r in runs if VARIANTS[r.variant].is_baseline]
-    if len(baselines) > 1:  # the last baseline run goes to the end
-        runs.remove(baselines[-1])
-        runs.append(baselines[-1])
     if args.profile != "none":
         target = next((r for r in runs if r.variant == args.profile), None)
         if target is None:
             runs.append(target := Run(f"{args.profile} (profiled)", args.profile))
         target.profile = True
-    if args.graph_check:
-        runs += [Run("all, varied images", "all", workload="varied"),
-                 Run("all+bucket, varied images", "all+bucket", workload="varied")]
+    if args.graph_check:  # before the slow autotuning variants, which the budget may skip
+        at = next((i for i, r in enumerate(runs) if VARIANTS[r.variant].compile_mode), len(runs))
+        runs[at:at] = [Run("all, varied images", "all", workload="varied"),
+                       Run("all+bucket, varied images", "all+bucket", workload="varied")]
+    baselines = [r for r in runs if VARIANTS[r.variant].is_baseline]
+    if len(baselines) > 1:
+        runs.remove(baselines[-1])
+        runs.append(baselines[-1])
     return runs
 
 
@@ -109,11 +111,11 @@ def execute(run: Run, args, cache_dir: str, log) -> Run:
         started = time.perf_counter()
         try:
             finished = subprocess.run(worker_command(run, args, json_path), capture_output=True, text=True, env=env,
-                                      timeout=args.run_timeout, check=False)
+                                      timeout=run.timeout, check=False)
             output, code = finished.stdout + finished.stderr, finished.returncode
         except subprocess.TimeoutExpired as error:
             output = (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace")
-            code = f"timeout after {args.run_timeout} s"
+            code = f"timeout after {run.timeout:.0f} s"
         run.wall_s = time.perf_counter() - started
         log.write(f"\n===== {run.label} ({run.workload}): exit {code}, {run.wall_s:.0f} s\n{output[-20000:]}\n")
         log.flush()
@@ -197,10 +199,15 @@ def main(argv=None) -> dict:
             open(os.path.join(args.out, "bench_train.log"), "w") as log, \
             concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         pending = []
-        for run in runs:
-            if time.perf_counter() - started + run.expected_s(args.tiny) > args.time_budget and args.jobs == 1:
+        for index, run in enumerate(runs):
+            # Time kept for the baseline runs still to come, so that the second baseline always runs.
+            reserve = sum(r.expected_s(args.tiny) for r in runs[index + 1 :] if VARIANTS[r.variant].is_baseline)
+            left = args.time_budget - (time.perf_counter() - started) - reserve
+            if args.jobs == 1 and left < run.expected_s(args.tiny) and not VARIANTS[run.variant].is_baseline:
                 run.error = f"skipped: would end past the {args.time_budget:.0f} s budget"
+                print(f"[{time.perf_counter() - started:5.0f} s] {run.label}: {run.error}", flush=True)
                 continue
+            run.timeout = min(args.run_timeout, max(60.0, left)) if args.jobs == 1 else args.run_timeout
             pending.append(pool.submit(execute, run, args, cache_dir, log))
             if args.jobs == 1:
                 pending[-1].result()
