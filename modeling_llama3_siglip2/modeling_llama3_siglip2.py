@@ -25,7 +25,7 @@ from transformers.initialization import guard_torch_init_functions
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, torch_compilable_check
+from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .compat import CACHE_NAME, accepts_either_cache_name, cache_kwarg, output_cache
 from .configuration_llama3_siglip2 import Llama3Siglip2Config
@@ -332,12 +332,14 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
 
     def scatter_image_tokens(self, inputs_embeds_BSD, image_mask_BS, image_tokens_TD) -> torch.Tensor:
         """Put the image tokens, in order, at the placeholder positions. Counts must match exactly."""
-        # A tensor check: a host sync in eager mode, a runtime assert (no graph break) under torch.compile.
-        torch_compilable_check(
-            image_mask_BS.sum() == image_tokens_TD.shape[0],
-            lambda: f"Image features and image tokens do not match: the text has {int(image_mask_BS.sum())} image "
-            f"tokens (id {self.config.image_token_id}) but the images give {image_tokens_TD.shape[0]} features",
-        )
+        # The count is checked on the host in eager mode; under torch.compile the read would break the graph.
+        if not torch.compiler.is_compiling():
+            n_placeholders = int(image_mask_BS.sum())
+            if n_placeholders != image_tokens_TD.shape[0]:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the text has {n_placeholders} image tokens "
+                    f"(id {self.config.image_token_id}) but the images give {image_tokens_TD.shape[0]} features"
+                )
         image_tokens_TD = image_tokens_TD.to(inputs_embeds_BSD.device, inputs_embeds_BSD.dtype)
         return inputs_embeds_BSD.masked_scatter(image_mask_BS.unsqueeze(-1), image_tokens_TD)
 
