@@ -24,8 +24,10 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from train_lib.arguments import data_config, parse_arguments
 from train_lib.checkpoints import resolve_resume
-from train_lib.evaluation import caption_exact_match, final_reload_difference
+from train_lib.evaluation import Evaluator, caption_exact_match, final_reload_difference
+from train_lib.hub import check_push_target, push_final
 from train_lib.loop import Trainer, host_syncs_per_step, slow_down_checkpoint_writes, split_loop_options
+from train_lib.model_card import write_model_card
 from train_lib.model_factory import build_model_and_processor, parameter_counts, select_trainable
 from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_final, write_report
 from train_lib.resume import resume_from
@@ -33,38 +35,36 @@ from transformers import get_scheduler
 
 from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention
 from processing.data import build_train_dataloader
-from processing.scenes import scenes_eval_examples
 
-# Printed at the end; report.json keeps these too, but they are long.
+# Left out of the summary printed at the end (report.json keeps them): one line per step or per sample.
 LONG_REPORT_KEYS = ("loss_curve", "eval_examples", "eval_generations")
 
 
 def main(argv=None):
     options, argv = split_loop_options(list(sys.argv[1:] if argv is None else argv))
     model_args, data_args, train_args = parse_arguments(argv)
+    if train_args.push_to_hub:  # every process: a doomed push fails them all now, not after training
+        check_push_target(train_args.push_to_hub, train_args.push_check_remote)
     accelerator = make_accelerator(train_args)
     set_seed(train_args.seed)
 
     model, processor, pipeline, optimizer, scheduler, counts = build_training(accelerator, model_args, data_args,
                                                                              train_args)
+    evaluator = Evaluator(model_args, data_args, train_args, processor, accelerator)
     slow_down_checkpoint_writes(accelerator, options)
     state, resumed = start_or_resume(accelerator, pipeline, train_args)
-    eval_examples = (scenes_eval_examples(data_args.eval_samples, seed=train_args.seed)
-                     if data_args.dataset == "scenes" else [])
-    report = {}
-    if eval_examples and train_args.eval_before and state["step"] == 0:
-        report["eval_exact_match_before"], _ = caption_exact_match(
-            accelerator.unwrap_model(model), processor, eval_examples, max_new_tokens=train_args.eval_max_new_tokens)
+    report = evaluator.initial_evaluation(state["step"], model, accelerator)
     announce(accelerator, model_args, data_args, train_args, counts, resumed)
 
     trainer = Trainer(accelerator, model, optimizer, scheduler, pipeline, processor, state, train_args, options,
-                      counts.flops_per_token, peak_flops(accelerator.device))
+                      counts.flops_per_token, peak_flops(accelerator.device),
+                      evaluate=lambda step: evaluator.maybe_evaluate(step, model, accelerator))
     start = time.time()
     if not trainer.train():  # stopped by SIGTERM, after a checkpoint
         accelerator.end_training()
         return None
     report.update(training_figures(trainer, time.time() - start, resumed))
-    return finish(accelerator, trainer, report, model, processor, model_args, train_args, eval_examples)
+    return finish(accelerator, trainer, evaluator, report, model, processor, model_args, data_args, train_args)
 
 
 def make_accelerator(train_args) -> Accelerator:
@@ -186,25 +186,22 @@ def training_figures(trainer, wall: float, resumed) -> dict:
     }
 
 
-def finish(accelerator, trainer, report, model, processor, model_args, train_args, eval_examples) -> dict:
-    """Save `final/`, evaluate, write report.json (main process) and reload `final/` to prove it stands alone."""
-    report.update(eval_exact_match=None, eval_exact_match_blank_images=None)
+def finish(accelerator, trainer, evaluator, report, model, processor, model_args, data_args, train_args) -> dict:
+    """Save `final/`, evaluate, write report.json and the model card, reload `final/` to prove it stands alone,
+    and push it last: a failed upload loses nothing."""
     final_dir = save_final(accelerator, model, processor, model_args, train_args)
     if train_args.check_final_reload and not model_args.use_lora:
         probe = next(trainer.batches)
         report["final_reload_max_abs_diff"] = final_reload_difference(accelerator, model, final_dir, probe)
-    if eval_examples:
-        unwrapped = accelerator.unwrap_model(model)
-        report["eval_exact_match"], predictions = caption_exact_match(
-            unwrapped, processor, eval_examples, max_new_tokens=train_args.eval_max_new_tokens)
-        report["eval_exact_match_blank_images"], _ = caption_exact_match(
-            unwrapped, processor, eval_examples, max_new_tokens=train_args.eval_max_new_tokens, blank_images=True)
-        report["eval_examples"] = [{"caption": c, "prediction": p} for (_, c), p in zip(eval_examples[:5], predictions)]
+    report.update(evaluator.final_evaluation(trainer.state["step"], model, accelerator))
     if accelerator.is_main_process:
         write_report(train_args.output_dir, report)
+        write_model_card(final_dir, model_args, data_args, train_args, report)
         print(json.dumps({k: v for k, v in report.items() if k not in LONG_REPORT_KEYS}, indent=1), flush=True)
-        if eval_examples and not model_args.use_lora:
-            reload_and_caption(final_dir, eval_examples[0])
+        if evaluator.scenes and not model_args.use_lora:
+            reload_and_caption(final_dir, evaluator.scenes[0])
+        if train_args.push_to_hub:
+            report["push"] = push_final(train_args.output_dir, train_args.push_to_hub)
     accelerator.end_training()
     return report
 

@@ -129,7 +129,7 @@ class Trainer:
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.pipeline, self.state, self.args, self.options = pipeline, state, train_args, options
         self.pad_token_id = processor.pad_token_id
-        self.evaluate = evaluate  # step -> figures or None: the periodic evaluation, if the run has one
+        self.evaluate = evaluate  # step -> figures or None: the periodic evaluation (every process calls it)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2's DTensors
         self.accumulation = accelerator.gradient_accumulation_steps  # DeepSpeed's config may have set it
         self.deepspeed = accelerator.state.deepspeed_plugin is not None
@@ -141,6 +141,7 @@ class Trainer:
         self.step_log = StepLog(train_args.output_dir, state["step"], enabled=accelerator.is_main_process)
         self.consecutive_bad = 0
         self.skipped_examples: dict[str, int] = {}
+        self.eval_loss = None  # the latest periodic evaluation's, for the progress bar
         keep_workers_through_sigterm(pipeline)
         self.batches = iter(pipeline)
 
@@ -208,7 +209,8 @@ class Trainer:
                 self.clock.end_step(summary.tokens)
                 self.record(summary, sample_ids, progress)
                 if self.evaluate is not None:
-                    self.evaluate(state["step"])
+                    figures = self.evaluate(state["step"]) or {}
+                    self.eval_loss = figures.get("eval_loss", self.eval_loss)
                 if self.checkpointer.due(state["step"]) or summary.stop:
                     self.checkpointer.save(state)
                 if summary.stop:
@@ -242,6 +244,8 @@ class Trainer:
         mfu = self.clock.mfu(steady_rate)
         if mfu is not None:
             postfix["mfu"] = f"{mfu:.1%}"
+        if self.eval_loss is not None:
+            postfix["eval_loss"] = f"{self.eval_loss:.3g}"
         postfix["skipped"] = sum(self.skipped_examples.values())
         if state["skipped_steps"]:
             postfix["bad_steps"] = state["skipped_steps"]

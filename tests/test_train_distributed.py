@@ -1,0 +1,248 @@
+"""examples/train.py over several CPU processes (gloo): exact resume after SIGKILL with a rank that saves slowly,
+resume on another number of processes, two "nodes" on one host, and SIGTERM to the whole process group.
+
+Every run is a real job: `torch.distributed.run` (torchrun) or plain python, as the process tree a cluster starts.
+`steps.jsonl` (one line per step with a digest of every rank's sample ids) is how the tests see which samples each
+step trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import EXAMPLES, child_env, final_weights, train_command
+
+sys.path.insert(0, str(EXAMPLES))
+
+from train_lib.checkpoints import complete_checkpoints
+from train_lib.metrics import read_steps
+
+# No evaluation: these tests are about the steps, and each run stays a few seconds of training.
+QUIET = ["--eval_samples", 0]
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launcher(processes: int, *torchrun_args) -> tuple:
+    if processes == 1 and not torchrun_args:
+        return (sys.executable,)
+    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *torchrun_args)
+
+
+def start(*args, processes: int = 2, torchrun_args=None) -> subprocess.Popen:
+    """A job in its own process group (as a scheduler starts one); its stdout and stderr go to files next to the
+    output folder (`job.out`, `job.err`: pipes could fill and stall one "node" while the other waits for it)."""
+    torchrun_args = torchrun_args or (("--master_port", str(free_port())) if processes > 1 else ())
+    logs = Path(os.path.dirname(str(args[args.index("--output_dir") + 1])))
+    name = f"{time.monotonic_ns()}"
+    out, err = open(logs / f"{name}.out", "w+"), open(logs / f"{name}.err", "w+")  # noqa: SIM115 - closed by finish
+    job = subprocess.Popen(train_command(*QUIET, *args, launcher=launcher(processes, *torchrun_args)),
+                           env=child_env(), stdout=out, stderr=err, text=True, start_new_session=True)
+    job.out, job.err = out, err
+    return job
+
+
+def output(job: subprocess.Popen) -> tuple[str, str]:
+    job.out.seek(0), job.err.seek(0)
+    return job.out.read(), job.err.read()
+
+
+def finish(job: subprocess.Popen) -> tuple[str, str]:
+    try:
+        job.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_tree(job.pid, signal.SIGKILL)
+        job.wait()
+    out, err = output(job)
+    job.out.close(), job.err.close()
+    assert job.returncode == 0, f"exit {job.returncode}\n{out[-2000:]}\n{err[-4000:]}"
+    return out, err
+
+
+def run(*args, processes: int = 2) -> tuple[str, str]:
+    return finish(start(*args, processes=processes))
+
+
+def wait_for(done, job: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + TIMEOUT
+    while not done():
+        assert job.poll() is None, f"the job ended before {what}:\n{output(job)[1][-3000:]}"
+        assert time.time() < deadline, f"no {what} after {TIMEOUT} s"
+        time.sleep(0.05)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants. torchrun starts each rank in a session of its own, so killing torchrun's process
+    group leaves the ranks running; a cluster's scheduler kills them all (a cgroup), and so do the tests."""
+    tree = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # the task ended meanwhile
+            continue
+        for child in children:
+            tree += process_tree(int(child))
+    return tree
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    for member in process_tree(pid):
+        try:
+            os.kill(member, sig)
+        except ProcessLookupError:
+            pass
+
+
+def digests(output_dir: Path) -> list[tuple[int, str]]:
+    return [(record["step"], record["digest"]) for record in read_steps(output_dir)]
+
+
+def test_two_processes_killed_after_a_checkpoint_resume_bit_identically_with_a_slow_saving_rank(tmp_path):
+    """Rank 1 writes its part of each checkpoint 2 s after rank 0; SIGKILL to the job once step-3 is complete;
+    the resumed job ends with the weights and per-step sample digests of a job never interrupted."""
+    common = ["--max_steps", 6, "--checkpoint_every", 3, "--keep_checkpoints", 5]
+    reference = tmp_path / "uninterrupted"
+    run("--output_dir", reference, *common)
+
+    resumed = tmp_path / "killed"
+    slow = ["--test_slow_save_rank", 1, "--test_slow_save_seconds", 2]
+    victim = start("--output_dir", resumed, *common, *slow)
+    wait_for((resumed / "checkpoints" / "step-3").exists, victim, "checkpoint step-3")
+    kill_tree(victim.pid, signal.SIGKILL)  # torchrun and both ranks at once, as a node failure would
+    victim.wait()
+    assert not (resumed / "final").exists(), "the job finished before it was killed; the test proves nothing"
+
+    run("--output_dir", resumed, *common, *slow, "--resume_from_checkpoint", "latest")
+    expected, actual = final_weights(reference), final_weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert digests(resumed) == digests(reference)
+    assert [r["step"] for r in read_steps(resumed)] == list(range(1, 7))
+
+
+def test_resume_on_another_number_of_processes_sees_each_sample_once_per_epoch_and_keeps_learning(tmp_path):
+    """2 processes, then 1, then 2 again, on a 96-sample epoch: no sample repeats before the epoch's end (the next
+    epoch's may only start within the packing buffers' reach of it), every sample is seen, the loss keeps falling."""
+    epoch = 96
+    output_dir = tmp_path / "run"
+    common = ["--output_dir", output_dir, "--scenes_size", epoch, "--log_sample_ids", "true", "--checkpoint_every", 2,
+              "--learning_rate", 3e-3]
+    run(*common, "--max_steps", 2, processes=2)
+    run(*common, "--max_steps", 6, "--resume_from_checkpoint", "latest", processes=1)
+    run(*common, "--max_steps", 16, "--resume_from_checkpoint", "latest", processes=2)
+
+    records = read_steps(output_dir)
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert [len(r["sample_ids"]) for r in records] == [2] * 2 + [1] * 4 + [2] * 10  # ranks per step
+    seen = [i for r in records for rank_ids in r["sample_ids"] for i in rank_ids]
+    assert all(r["ids"] == sum(map(len, r["sample_ids"])) for r in records)
+    resumes_at = sum(r["ids"] for r in records[:2]), sum(r["ids"] for r in records[:6])
+    # Each reader buffers about two batches of samples for packing, so the next epoch's first samples can be
+    # trained on up to ~2 readers x 12 samples before the last of this epoch's.
+    first_repeat = next(n for n, i in enumerate(seen) if i in seen[:n])
+    assert first_repeat >= epoch - 24 > max(resumes_at), (first_repeat, resumes_at)
+    assert set(seen) == set(range(epoch))
+
+    losses = [r["loss"] for r in records]
+    assert losses[2] < losses[0] and losses[6] < losses[2]  # after each resume, below where the last job began
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:2]) / 2
+
+
+def test_two_nodes_write_once_per_job_and_show_progress_once_per_node(tmp_path):
+    """Two torchrun trees (--nnodes 2, one process each) on one host, trained to a checkpoint and then resumed:
+    report.json, final/ and steps.jsonl are written once for the job, the summary printed once, and each node
+    shows its own progress bar."""
+    output_dir = tmp_path / "run"
+    common = ["--output_dir", output_dir, "--checkpoint_every", 2]
+    for max_steps, resume in ((2, []), (4, ["--resume_from_checkpoint", "latest"])):
+        port = str(free_port())
+        nodes = [start(*common, "--max_steps", max_steps, *resume, processes=1,
+                       torchrun_args=("--nnodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+                                      "--master_port", port)) for rank in range(2)]
+        outputs = [finish(node) for node in nodes]
+    (out0, err0), (out1, err1) = outputs
+    assert out0.count("setup     ") == 1 and "setup     " not in out1  # the start-up summary: the job's main
+    assert out0.count('"steps": 4') == 1 and '"steps": 4' not in out1  # the end summary, likewise
+    assert "4/4" in err0 and "4/4" in err1  # one progress bar per node
+    assert [r["step"] for r in read_steps(output_dir)] == [1, 2, 3, 4]
+    assert json.loads((output_dir / "report.json").read_text())["steps"] == 4
+    assert (output_dir / "final" / "model.safetensors").exists()
+    assert [Path(p).name for p in complete_checkpoints(str(output_dir))] == ["step-2", "step-4"]
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0_then_resumes(tmp_path):
+    """`kill -TERM -PGID` reaches the training process and its 2 loader workers: the workers live on, the run
+    saves a checkpoint after the current step and exits 0, and a resumed run finishes from there."""
+    output_dir = tmp_path / "run"
+    job = start("--output_dir", output_dir, "--max_steps", 100000, "--num_workers", 2, processes=1)
+    wait_for(lambda: any(rate in output(job)[1] for rate in ("s/it", "it/s")), job, "a training step")
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = finish(job)
+    assert "SIGTERM: saved step" in out
+    checkpoints = complete_checkpoints(str(output_dir))
+    assert len(checkpoints) == 1, err[-3000:]
+
+    saved = int(Path(checkpoints[0]).name.removeprefix("step-"))
+    run("--output_dir", output_dir, "--max_steps", saved + 2, "--num_workers", 2, "--resume_from_checkpoint",
+        "latest", processes=1)
+    assert json.loads((output_dir / "report.json").read_text())["steps"] == saved + 2
+    assert [r["step"] for r in read_steps(output_dir)] == list(range(1, saved + 3))
+
+
+def test_deepspeed_checkpoint_on_another_world_size_names_the_universal_checkpoint_tool():
+    from types import SimpleNamespace
+
+    from train_lib.resume import check_reshardable
+
+    accelerator = SimpleNamespace(num_processes=4, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    with pytest.raises(ValueError, match=r"saved by DeepSpeed ZeRO-3 on 2 processes.*ds_to_universal"):
+        check_reshardable(accelerator, "out/checkpoints/step-10", saved=2)
+    check_reshardable(accelerator, "out/checkpoints/step-10", saved=4)  # same world size: fine
+
+
+def test_loader_workers_outlive_sigterm_and_keep_serving_batches():
+    """What the process-group test relies on, without its timing: workers that received SIGTERM still deliver
+    batches beyond those prefetched before it (torch's own worker handler would have killed them)."""
+    from train_lib.arguments import data_config, parse_arguments
+    from train_lib.model_factory import build_model_and_processor
+    from train_lib.preemption import keep_workers_through_sigterm
+
+    from processing.data import build_train_dataloader
+    from tests.test_train import TINY
+
+    model_args, data_args, train_args = parse_arguments([*TINY, "--num_workers", "2"])
+    _, processor = build_model_and_processor(model_args)
+    loader = build_train_dataloader(data_config(data_args, train_args.seed), processor, data_args.seq_len)
+    keep_workers_through_sigterm(loader)
+    before = set(child_pids())
+    batches = iter(loader)
+    next(batches)
+    workers = set(child_pids()) - before
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    for _ in range(12):  # more than the 2 workers x prefetch 2 already queued
+        next(batches)
+    assert set(child_pids()) >= workers
+
+
+def child_pids() -> list[int]:
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        return [int(pid) for pid in f.read().split()]
