@@ -8,8 +8,8 @@ def _pct(value) -> str:
 
 
 def steady_table(report: dict) -> list[str]:
-    lines = ["| run | steady after | compile s (in window) | graphs | step ms: median [p10-p90] (min-max) | "
-             "real tok/s | × faster baseline | MFU | MFU 6N | peak GiB | patch pad |",
+    lines = [("| run | steady after | compile s (in window) | graphs | step ms: median [p10-p90] (min-max) | "
+              "real tok/s | × faster baseline | MFU | MFU 6N | peak GiB | patch pad |"),
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for run in report["runs"]:
         r = run["result"]
@@ -32,8 +32,8 @@ def steady_table(report: dict) -> list[str]:
 
 
 def graph_table(report: dict) -> list[str]:
-    lines = ["| run | workload | steps seen | distinct (N, L) | graphs after warm-up → window | compiles | recompiles "
-             "| guards that failed |", "|---|---|---:|---:|---|---:|---:|---|"]
+    lines = [("| run | workload | steps seen | distinct (N, L) | graphs after warm-up → window | compiles | recompiles "
+              "| guards that failed |"), "|---|---|---:|---:|---|---:|---:|---|"]
     for run in report["runs"]:
         r = run["result"]
         if r is None or not r["variant"]["compiled"]:
@@ -70,8 +70,8 @@ def profile_lines(report: dict) -> list[str]:
                   "| phase | ms | share |", "|---|---:|---:|"]
         lines += [f"| {name} | {ms:.1f} | {100 * ms / step:.0f} % |" for name, ms in phases["phase_ms"].items()]
         window = kernels["window_ms_per_step"] or 1.0
-        lines += ["", f"Kernels by kind (torch.profiler, {kernels['steps']} steps, {window:.1f} ms a step on the device "
-                  "clock; kernels on overlapping streams can add up past the busy time):", "",
+        lines += ["", (f"Kernels by kind (torch.profiler, {kernels['steps']} steps, {window:.1f} ms a step on the device "
+                       "clock; kernels on overlapping streams can add up past the busy time):"), "",
                   "| kind | ms / step | share of step |", "|---|---:|---:|"]
         lines += [f"| {kind} | {ms:.1f} | {100 * ms / window:.0f} % |" for kind, ms in kernels["kernel_ms_per_step"].items()]
         if kernels["device_idle_ms_per_step"] is not None:

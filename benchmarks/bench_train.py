@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_report import markdown_report  # noqa: E402
-from benchmarks.bench_variants import VARIANTS, parse_variant_names  # noqa: E402
+from benchmarks.bench_report import markdown_report
+from benchmarks.bench_variants import VARIANTS, parse_variant_names
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
 # Rough seconds per run on one H100 (start-up, batches, compile, warm-up, 40 steps), to keep inside --time-budget.
@@ -172,7 +172,7 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="workers at once (for CPU smoke runs only: timings share)")
     parser.add_argument("--out", default=None, help="folder for the JSON, markdown and log (default $OUT or .)")
     args = parser.parse_args(argv)
-    tiny_or = lambda value, gpu, tiny: value if value is not None else (tiny if args.tiny else gpu)  # noqa: E731
+    tiny_or = lambda value, gpu, tiny: value if value is not None else (tiny if args.tiny else gpu)
     args.steps = tiny_or(args.steps, 40, 3)
     args.min_warmup = tiny_or(args.min_warmup, 8, 2)
     args.max_warmup = tiny_or(args.max_warmup, 60, 6)

@@ -13,6 +13,7 @@ sat idle inside the steps, and the host syncs the steps made (`aten::_local_scal
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 
@@ -87,7 +88,7 @@ class PhaseMarks:
         per_phase: dict[str, list[float]] = {name: [] for name in PHASES}
         for marks in self.rows:
             spent = dict.fromkeys(PHASES, 0.0)
-            for (name, a), (_, b) in zip(marks, marks[1:]):
+            for (name, a), (_, b) in itertools.pairwise(marks):
                 ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
                 spent[_PHASE_OF_MARK.get(name, "other")] += ms
             for name in PHASES:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -28,17 +27,35 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.bench_model import (  # noqa: E402
-    TEXT_1B, TEXT_TINY, VISION_BASE, VISION_TINY, Clock, FlopCounts, bf16_matmul_rate, build_model, model_config)
-from benchmarks.bench_variants import VARIANTS, Variant  # noqa: E402
-from benchmarks.compile_watch import CompileWatch, SteadyState  # noqa: E402
-from benchmarks.train_workload import (  # noqa: E402
-    WORKLOADS, TokenIds, bucket_patch_length, make_samples, packed_batches, padded_batch)
-from modeling_llama3_siglip2.efficient_ops import (  # noqa: E402
-    compile_layers, use_decoder_attention, use_grouped_position_embeddings)
-from processing.collator import IGNORE_INDEX, MultimodalPackingCollator  # noqa: E402
+from benchmarks.bench_model import (
+    TEXT_1B,
+    TEXT_TINY,
+    VISION_BASE,
+    VISION_TINY,
+    Clock,
+    FlopCounts,
+    bf16_matmul_rate,
+    build_model,
+    model_config,
+)
+from benchmarks.bench_variants import VARIANTS, Variant
+from benchmarks.compile_watch import CompileWatch, SteadyState
+from benchmarks.train_workload import (
+    WORKLOADS,
+    TokenIds,
+    bucket_patch_length,
+    make_samples,
+    packed_batches,
+    padded_batch,
+)
+from modeling_llama3_siglip2.efficient_ops import (
+    compile_layers,
+    use_decoder_attention,
+    use_grouped_position_embeddings,
+)
+from processing.collator import IGNORE_INDEX, MultimodalPackingCollator
 
 LOSS_CHUNK = 2048
 

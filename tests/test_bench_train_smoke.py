@@ -12,8 +12,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.compile_watch import CompileWatch, SteadyState  # noqa: E402
-from benchmarks.step_profile import _union_us, kernel_kind  # noqa: E402
+from benchmarks.compile_watch import CompileWatch, SteadyState
+from benchmarks.step_profile import _union_us, kernel_kind
 
 
 @pytest.fixture(scope="module")
