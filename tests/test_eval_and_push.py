@@ -5,7 +5,6 @@ The Hub is mocked wherever a test would reach it (`train_lib.hub`'s imported fun
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shlex
@@ -38,14 +37,6 @@ from train_lib.model_factory import build_model_and_processor
 # A held-out scenes split small enough to read whole: with 64-token rows each batch holds one sample.
 EVAL = ["--eval_split", "eval", "--scenes_size", "5", "--seq_len", "64", "--eval_samples", "0",
         "--eval_generate_samples", "2", "--eval_max_new_tokens", "4"]
-
-
-def wired(name: str) -> bool:
-    """Whether examples/train.py calls `name` yet (its owner wires these calls in; until then the end-to-end tests
-    that need them are skipped)."""
-    import train
-
-    return name in inspect.getsource(train)
 
 
 @pytest.fixture
@@ -488,10 +479,9 @@ def test_a_successful_push_uploads_final_and_is_recorded(online, tmp_path):
     assert json.loads((run / "report.json").read_text())["push"] == outcome and outcome["pushed"] is True
 
 
-# ------------------------------------------------------------------------------- through train.py, once wired
+# ----------------------------------------------------------------------------------------- through train.py
 
 
-@pytest.mark.skipif(not wired("check_push_target"), reason="train.py does not call hub.check_push_target yet")
 def test_a_push_without_a_token_fails_before_training(online, tmp_path):
     online.setattr(hub, "get_token", lambda: None)
     with pytest.raises(hub.PushTargetError):
@@ -499,7 +489,6 @@ def test_a_push_without_a_token_fails_before_training(online, tmp_path):
     assert not (tmp_path / "final").exists()
 
 
-@pytest.mark.skipif(not wired("push_final"), reason="train.py does not call hub.push_final yet")
 def test_a_run_whose_push_fails_still_has_its_report_card_and_final_folder(online, tmp_path):
     online.setattr(hub, "create_repo", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
     run_in_process("--output_dir", tmp_path, "--max_steps", 2, "--push_to_hub", "you/my-vlm")
@@ -509,7 +498,6 @@ def test_a_run_whose_push_fails_still_has_its_report_card_and_final_folder(onlin
     assert ModelCard.load(tmp_path / "final" / "README.md").data.tags[0] == "llama3-siglip2"
 
 
-@pytest.mark.skipif(not wired("maybe_evaluate"), reason="train.py does not call Evaluator.maybe_evaluate yet")
 def test_a_run_with_a_held_out_split_reports_its_eval_loss(tmp_path):
     report = run_in_process("--output_dir", tmp_path, "--max_steps", 2, "--eval_split", "eval", "--eval_every", 1,
                             "--eval_samples", 4)
