@@ -14,8 +14,8 @@ from processing.chat_collator import Llama3Siglip2ChatCollator
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 40)}
 STEPS = 8
-COMMON = dict(max_steps=STEPS, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=1, report_to="none",
-              save_strategy="no", use_cpu=True, seed=0)
+COMMON = {"max_steps": STEPS, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 1,
+          "report_to": "none", "save_strategy": "no", "use_cpu": True, "seed": 0}
 
 
 @pytest.fixture

@@ -32,14 +32,33 @@ def test_model_forward_takes_sft_labels_from_the_processor(built):
 
 def test_generate_appends_new_tokens_to_a_processed_prompt(built):
     model, processor = built
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
-        add_generation_prompt=True,
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": "Describe."}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
     )
-    inputs = processor(text=[prompt], images=IMAGES[:1], add_special_tokens=False, return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
+def test_a_composed_model_stops_generating_at_end_of_text_and_at_end_of_turn(built):
+    model, processor = built
+    ids = processor.tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
+    assert model.generation_config.eos_token_id == ids
+    assert model.generation_config.pad_token_id == processor.pad_token_id
+
+
+def test_chat_eos_token_ids_follow_llama3_instruct():
+    from modeling_llama3_siglip2.builder import chat_eos_token_ids, default_generation_config
+    from processing.tokenizer import build_byte_level_bpe_tokenizer
+
+    tokenizer = build_byte_level_bpe_tokenizer(["a red box"], vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eom_id|>"]})  # Llama 3.1's end of tool message
+    expected = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+    assert chat_eos_token_ids(tokenizer) == expected
+    assert chat_eos_token_ids(tokenizer, extra_ids=[expected[2], 7]) == [*expected, 7]
+    config = default_generation_config(tokenizer)
+    assert config.eos_token_id == expected and config.bos_token_id == tokenizer.bos_token_id
 
 
 def test_pipeline_on_a_saved_folder_returns_text_for_an_image_and_for_a_chat(built, tmp_path):
