@@ -36,7 +36,8 @@ def torchrun(*args, nproc=2, node_rank=None, port=None):
     nodes = [] if node_rank is None else ["--nnodes", "2", "--node_rank", str(node_rank), "--master_addr", "127.0.0.1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *nodes,
                "--master_port", str(port or free_port()), str(WORKER), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'examples'}"}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "examples"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     # Its own session, so that a failing test can stop torchrun and its workers together.
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -146,9 +147,9 @@ def test_per_node_copies_resume_from_the_newest_step_complete_on_every_node(tmp_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-@pytest.mark.parametrize("backend", ["fsdp-sharded", "fsdp-full", "deepspeed-zero2"])
+@pytest.mark.parametrize("backend", ["fsdp-sharded", "fsdp-full", "deepspeed-zero2", "deepspeed-zero3"])
 def test_on_two_gpus_every_state_layout_saves_atomically_resumes_and_exports(tmp_path, backend):
-    """FSDP2 (sharded DCP folders, or full state) and DeepSpeed ZeRO-2 on 2 GPUs, a tiny Llama3Siglip2: step folders
+    """FSDP2 (sharded DCP folders, or full state) and DeepSpeed ZeRO-2 and 3 on 2 GPUs, a tiny Llama3Siglip2: step folders
     complete at first sight with a slow rank, bit-exact resume, disk full on one rank, export equal to the weights."""
     if backend.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
