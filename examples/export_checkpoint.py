@@ -25,7 +25,6 @@ import sys
 import tempfile
 
 import torch
-
 from train_lib.checkpoints import HF_FILES, verify_checkpoint
 
 # What DCP's `.metadata` pickle may name: its own metadata classes, torch dtypes and sizes, and a path.
@@ -118,8 +117,9 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def export_checkpoint(checkpoint: str, out: str, dtype: str | None = None) -> str:
-    import modeling_llama3_siglip2  # noqa: F401 - registers our classes with the Auto classes
     from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, AutoProcessor, GenerationConfig
+
+    import modeling_llama3_siglip2  # noqa: F401 - registers our classes with the Auto classes
 
     verify_checkpoint(checkpoint)
     hf = os.path.join(checkpoint, HF_FILES)

@@ -31,7 +31,7 @@ from accelerate.utils import ProjectConfiguration
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
-from train_lib.checkpoints import (  # noqa: E402
+from train_lib.checkpoints import (
     PARTIAL_PREFIX,
     CheckpointDiskFullError,
     complete_checkpoints,
@@ -142,8 +142,9 @@ def exported_weights_match(accelerator, model, output_dir) -> dict:
     launcher_variables = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                           "MASTER_PORT", "TORCHELASTIC", "ACCELERATE_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_variables)}
-    subprocess.run([sys.executable, os.path.join(EXAMPLES, "export_checkpoint.py"), complete_checkpoints(output_dir)[-1],
-                    "--out", folder], env=env, check=True)
+    command = [sys.executable, os.path.join(EXAMPLES, "export_checkpoint.py"), complete_checkpoints(output_dir)[-1],
+               "--out", folder]
+    subprocess.run(command, env=env, check=True)
     exported = load_file(os.path.join(folder, "model.safetensors"))  # a tied lm_head is stored once
     mismatched = [name for name, tensor in exported.items() if not torch.equal(tensor, full[name].cpu())]
     return {"exported_keys": len(exported), "mismatched": mismatched}
@@ -153,7 +154,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--phase", choices=["save", "resume", "per_node"], required=True)
-    parser.add_argument("--backend", choices=["ddp", "fsdp-sharded", "fsdp-full", "deepspeed-zero2", "deepspeed-zero3"], default="ddp")
+    parser.add_argument("--backend", default="ddp",
+                        choices=["ddp", "fsdp-sharded", "fsdp-full", "deepspeed-zero2", "deepspeed-zero3"])
     parser.add_argument("--vlm", action="store_true")
     parser.add_argument("--slow_rank", type=int, default=1)
     parser.add_argument("--slow_seconds", type=float, default=0.0)

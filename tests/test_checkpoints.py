@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-from train_lib.checkpoints import (  # noqa: E402
+from train_lib.checkpoints import (
     MANIFEST,
     PARTIAL_PREFIX,
     TRAINER_STATE,
@@ -197,9 +197,9 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(accelerat
     trained = save_steps(accelerator, tmp_path, [1], keep=1)
     monkeypatch.setattr(accelerate.checkpointing, "save", failing_save(error))
     train_step(*trained)
-    with pytest.raises(CheckpointDiskFullError, match=r"disk full while saving checkpoint .*step-2: .* free") as caught:
+    with pytest.raises(CheckpointDiskFullError, match=r"disk full while saving checkpoint .*step-2: .* free") as err:
         save_checkpoint(accelerator, str(tmp_path), 2, {"step": 2}, keep=1)
-    assert caught.value.errno == errno.ENOSPC and "step-1" in str(caught.value)
+    assert err.value.errno == errno.ENOSPC and "step-1" in str(err.value)
     assert os.listdir(tmp_path / "checkpoints") == ["step-1"]  # no partial folder, step-1 not pruned
     assert complete_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoints" / "step-1")]
 
@@ -231,18 +231,20 @@ def scratch_model_and_processor():
 def write_dcp(partial, model):
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"model": model.state_dict()}, storage_writer=dcp.FileSystemWriter(os.path.join(partial, "pytorch_model_fsdp_0")))
+    writer = dcp.FileSystemWriter(os.path.join(partial, "pytorch_model_fsdp_0"))
+    dcp.save({"model": model.state_dict()}, storage_writer=writer)
 
 
 LAYOUTS = {
     # What accelerate's save_state writes for FSDP2 SHARDED_STATE_DICT and FULL_STATE_DICT, in one process.
     "fsdp-sharded-dcp": write_dcp,
-    "fsdp-full": lambda partial, model: torch.save(model.state_dict(), os.path.join(partial, "pytorch_model_fsdp.bin")),
+    "fsdp-full": lambda partial, model: torch.save(model.state_dict(), os.path.join(partial,
+                                                                                   "pytorch_model_fsdp.bin")),
 }
 
 
 def save_model_checkpoint(accelerator, output_dir, model, processor, layout=None, monkeypatch=None):
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
     if layout:
         monkeypatch.setattr(accelerator, "save_state", lambda folder, **kwargs: LAYOUTS[layout](folder, model))
     return save_checkpoint(accelerator, str(output_dir), 7, {"step": 7}, 1, model_config=model.config,
@@ -294,7 +296,7 @@ def test_export_refuses_a_corrupt_checkpoint(accelerator, tmp_path, scratch_mode
     model, processor = scratch_model_and_processor
     checkpoint = save_model_checkpoint(accelerator, tmp_path / "run", model, processor)
     truncate(os.path.join(checkpoint, "model.safetensors"))
-    with pytest.raises(CorruptCheckpointError, match="model.safetensors is .* bytes"):
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors is .* bytes"):
         main([checkpoint, "--out", str(tmp_path / "export")])
 
 

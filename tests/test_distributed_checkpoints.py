@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from train_lib.checkpoints import PARTIAL_PREFIX, checkpoint_problem, complete_checkpoints  # noqa: E402
+from train_lib.checkpoints import PARTIAL_PREFIX, checkpoint_problem, complete_checkpoints
 
 WORKER = Path(__file__).with_name("distributed_checkpoint_worker.py")
 SLOW_SECONDS = 1.5
@@ -149,8 +149,9 @@ def test_per_node_copies_resume_from_the_newest_step_complete_on_every_node(tmp_
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 @pytest.mark.parametrize("backend", ["fsdp-sharded", "fsdp-full", "deepspeed-zero2", "deepspeed-zero3"])
 def test_on_two_gpus_every_state_layout_saves_atomically_resumes_and_exports(tmp_path, backend):
-    """FSDP2 (sharded DCP folders, or full state) and DeepSpeed ZeRO-2 and 3 on 2 GPUs, a tiny Llama3Siglip2: step folders
-    complete at first sight with a slow rank, bit-exact resume, disk full on one rank, export equal to the weights."""
+    """FSDP2 (sharded DCP folders, or full state) and DeepSpeed ZeRO-2 and 3 on 2 GPUs, a tiny Llama3Siglip2: step
+    folders complete at first sight with a slow rank, bit-exact resume, disk full on one rank, export equal to the
+    weights."""
     if backend.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
     common = ("--output_dir", tmp_path, "--backend", backend, "--vlm")

@@ -18,18 +18,20 @@ Where the copy lives (the owner):
     * one shared file system, one node or several: one copy, owned by the job's main process (the default);
     * a local disk on each node: `ProjectConfiguration(save_on_each_node=True)`; each node's local main process owns
       its node's copy (the model, optimizer and scheduler files, as accelerate writes them with that setting, plus
-      its own processes' RNG states). `resolve_resume` then picks the newest step complete on every node.
+      its own processes' RNG states). `resolve_resume(..., accelerator)` then picks the newest step complete on
+      every node.
       FSDP's sharded state and DeepSpeed write one copy spread over all ranks' files, so on several nodes they
       need the shared file system.
 
-Checksums: sha256 runs at about 0.6 GB/s per core here, so hashing a 1B model's weights and Adam state (~16 GB)
-would add ~25 s to every save and every resume. Files up to `HASHED_FILE_BYTES` are hashed (the counters, the
-scheduler, RNG states, DCP metadata, config and tokenizer); larger ones are checked by size, which catches
-truncation, not bit flips.
+Checksums: sha256 ran at 0.6 GB/s on one core of the (busy, 2-core) CI machine, so hashing a 1B model's weights
+and Adam state (~16 GB) would add ~25 s to every save and every resume. Files up to `HASHED_FILE_BYTES` are hashed
+(the counters, the scheduler, RNG states, DCP metadata, config and tokenizer); larger ones are checked by size,
+which catches truncation, not bit flips.
 
-`checkpoints/step-N/` holds accelerate's state files, `trainer_state.json` (JSON: nothing here is unpickled),
+`checkpoints/step-N/` holds accelerate's state files, `trainer_state.json` (the counters and data position, JSON),
 `hf/` (config.json, generation_config.json, processor files: what `examples/export_checkpoint.py` needs to make
-a Hub folder offline) and `manifest.json`.
+a Hub folder offline) and `manifest.json`. Nothing here unpickles; accelerate loads its `.bin`/`.pkl` files with
+`weights_only=True`.
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def step_folders(output_dir: str) -> list[tuple[int, str]]:
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := STEP_FOLDER.match(name))]
-    return sorted(found)
+    matches = (STEP_FOLDER.match(name) for name in os.listdir(root))
+    return sorted((int(m.group(1)), os.path.join(root, m.group(0))) for m in matches if m)
 
 
 def verify_checkpoint(checkpoint: str) -> None:
@@ -216,7 +218,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     copy_files = node_files if _per_node_copies(accelerator) else sorted(set().union(*(f for _, f in listings)))
 
     def seal():
-        _write_manifest(partial, step, accelerator.num_processes, sorted({*copy_files, *_files_under(partial)}))
+        copy = f"node of rank {node}" if _per_node_copies(accelerator) else "shared"
+        _write_manifest(partial, step, accelerator.num_processes, copy, sorted({*copy_files, *_files_under(partial)}))
         if os.path.exists(final):  # resumed from an earlier step: this step-N is from the abandoned timeline
             _delete(final, root)
         os.rename(partial, final)
@@ -237,7 +240,7 @@ def _phase(accelerator, work, partial: str, final: str) -> list:
     if work is not None:
         try:
             result = work()
-        except Exception as error:  # noqa: BLE001 - reported to every process, then re-raised below
+        except Exception as error:  # noqa: BLE001 - any failure: reported to every process, raised on all
             failure = _describe_failure(error, accelerator.process_index, os.path.dirname(partial))
             local_error = error
     reports = _exchange(accelerator, (_node(accelerator), result, failure))
@@ -267,7 +270,8 @@ def _phase(accelerator, work, partial: str, final: str) -> list:
 
 def _describe_failure(error: BaseException, rank: int, root: str) -> dict:
     free = shutil.disk_usage(root).free if os.path.isdir(root) else None
-    return {"message": f"rank {rank}: {type(error).__name__}: {error}", "disk_full": _is_disk_full(error), "free": free}
+    return {"message": f"rank {rank}: {type(error).__name__}: {error}", "disk_full": _is_disk_full(error),
+            "free": free}
 
 
 def _is_disk_full(error: BaseException | None) -> bool:
@@ -281,14 +285,16 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def _human(size: int | None) -> str:
+def _human(size: float | None) -> str:
     if size is None:
         return "unknown space"
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+    if size < 1024:
+        return f"{size:.0f} bytes"
+    for unit in ("KiB", "MiB"):
         size /= 1024
-    return ""
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} GiB"
 
 
 def _exchange(accelerator, item) -> list:
@@ -347,7 +353,7 @@ def _fsync_all(folder: str, files: list[str]) -> None:
             _fsync(os.path.join(folder, name))
 
 
-def _write_manifest(folder: str, step: int, num_processes: int, files: list[str]) -> None:
+def _write_manifest(folder: str, step: int, num_processes: int, copy: str, files: list[str]) -> None:
     """The processes' listings, united, name files a stale directory cache could hide from this one (NFS); a name
     that is gone now was a writer's temporary file (DCP's `.metadata.tmp`), renamed before the writer returned."""
     entries = {}
@@ -357,7 +363,8 @@ def _write_manifest(folder: str, step: int, num_processes: int, files: list[str]
             continue
         size = os.path.getsize(path)
         entries[name] = {"size": size, **({"sha256": _sha256(path)} if size <= HASHED_FILE_BYTES else {})}
-    manifest = {"format": MANIFEST_FORMAT, "step": step, "num_processes": num_processes, "files": entries}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "num_processes": num_processes, "copy": copy,
+                "files": entries}
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -397,7 +404,7 @@ def _prune(output_dir: str, step: int, keep: int) -> None:
     if keep <= 0:
         return
     kept = 0
-    for s, path in reversed([(s, p) for s, p in folders if s < step]):
+    for _, path in reversed([(s, p) for s, p in folders if s < step]):
         if kept < keep - 1 and checkpoint_problem(path) is None:
             kept += 1
             continue
