@@ -66,6 +66,12 @@ class ModelArguments:
     vision_intermediate_size: int = field(default=256, metadata={"help": "From scratch: the encoder MLP's width."})
     patch_size: int = field(default=8, metadata={"help": "From scratch: pixels per patch side."})
     vocab_size: int = field(default=320, metadata={"help": "From scratch: the byte-level BPE tokenizer's vocabulary."})
+    embedding_rows: int | None = field(default=None, metadata={
+        "help": "From scratch: rows of the decoder's embedding and lm_head (default: the tokenizer's size). Benchmarks "
+                "set 128256 so a from-scratch model has Llama 3's embedding and lm_head; the tokenizer never emits "
+                "the extra ids."})
+    tie_word_embeddings: bool = field(default=True, metadata={
+        "help": "From scratch: share lm_head with the input embedding (Llama 3.2 1B/3B do; 8B does not)."})
     # What trains.
     train_parts: str = field(default="all", metadata={"help": "projector | projector+llm | all"})
     use_lora: bool = field(default=False, metadata={"help": "PEFT LoRA adapters on the language model."})

@@ -91,7 +91,7 @@ def build_scratch_model(model_args, tokenizer_corpus):
     processor = Llama3Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
     config = Llama3Siglip2Config(
         text_config={
-            "vocab_size": len(processor.tokenizer),
+            "vocab_size": max(len(processor.tokenizer), model_args.embedding_rows or 0),
             "hidden_size": model_args.text_hidden_size,
             "intermediate_size": model_args.text_intermediate_size,
             "num_hidden_layers": model_args.text_layers,
@@ -101,7 +101,7 @@ def build_scratch_model(model_args, tokenizer_corpus):
             "bos_token_id": processor.tokenizer.bos_token_id,
             "eos_token_id": processor.tokenizer.eos_token_id,
             "pad_token_id": processor.pad_token_id,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": model_args.tie_word_embeddings,
         },
         vision_config={
             "hidden_size": model_args.vision_hidden_size,
