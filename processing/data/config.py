@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..image_loading import MAX_IMAGE_BYTES
+
+ON_BAD_FILES = ("error", "warn", "skip")  # `datasets`' own choices (its parquet builder's `on_bad_files`)
+
 
 @dataclass
 class DataConfig:
@@ -22,7 +26,12 @@ class DataConfig:
     images_column: str | None = None
     texts_column: str | None = None
     messages_column: str | None = None
-    image_root: str | None = None  # where relative image paths (LLaVA's) are
+    image_root: str | None = None  # where relative image paths (LLaVA's) start; unset: the current directory
+    allow_paths_outside_image_root: bool = False  # `../` and absolute paths elsewhere; only for trusted data
+    max_image_bytes: int = MAX_IMAGE_BYTES  # an encoded image file over this is a skipped invalid_image
+    # A file that cannot be read (a truncated parquet shard): "error" stops the run naming it, "warn" skips the
+    # file and logs it, "skip" skips it silently. Only builders that can skip files take it (parquet).
+    on_bad_files: str = "error"
     append_eos: bool = True
     scenes_size: int = 100_000
     seed: int = 0
@@ -35,3 +44,7 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: int | None = None
     strict: bool = False
+
+    def __post_init__(self):
+        if self.on_bad_files not in ON_BAD_FILES:
+            raise ValueError(f"on_bad_files must be one of {ON_BAD_FILES}, got {self.on_bad_files!r}")

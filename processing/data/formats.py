@@ -159,7 +159,8 @@ def webdataset_features(features: Mapping | None, columns: ColumnMap):
 class SampleMaker:
     """`maker(example, name) -> PackedSample`, or `SkippedSample` with its reason.
 
-    `name` says which example it is in error messages (e.g. "example 1834 of rank 3's shard"). Images are read
+    `name` says which example it is in error messages: the readers' "example 1834" (its index in the data set) or
+    "streamed example 17 (key 'sample017')" (see `sources`). Images are read
     within `max_image_bytes` and the image processor's pixel limit; paths under `image_root` (see the module's
     docstring).
     """

@@ -31,11 +31,23 @@ place in its own split of the stream.
 
 Image columns come undecoded, so that decoding happens in the loader's workers, and a broken image is one skipped
 sample rather than an exception inside `datasets`.
+
+Files that `datasets` cannot read. Every call into `datasets` that opens or reads files (opening, the first example,
+each read) runs inside `health.explain_data_errors`, which raises `DataSourceError` naming the file and the fix
+instead of a bare `StopIteration` or "Could not open Parquet input source '<Buffer>'". A stream meets a broken file
+only when it gets there, possibly hours into a run; `on_bad_files` (`datasets`' own option, parquet only) then
+chooses between stopping ("error", the default) and skipping the file ("warn" logs its name). A skipped file's
+examples are never read, so they are not in the skip counts, which are per example.
+
+Webdatasets. `datasets` infers a webdataset's columns from the first samples of its first tar (see
+`formats.webdataset_features`); `open_source` names the columns the data config asks for, and reopens the data with
+any the inference dropped.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import zlib
 from collections import defaultdict
@@ -47,6 +59,8 @@ from datasets import Dataset, Features, Image, IterableDataset, LargeList, List,
 from datasets.distributed import split_dataset_by_node
 
 from ..scenes import ScenesSource
+from .formats import ColumnMap, webdataset_features
+from .health import DataSourceError, explain_data_errors
 
 
 class Example(NamedTuple):
@@ -66,29 +80,101 @@ def open_source(config, rank: int = 0, world_size: int = 1, image_token: str | N
     if config.dataset == "scenes":
         options = {} if image_token is None else {"image_token": image_token}
         return ScenesSource(config.split, config.scenes_size, config.seed, **options)
-    data_files = config.data_files.split(",") if config.data_files and "," in config.data_files else config.data_files
-    data = load_dataset(
-        config.dataset,
-        name=config.dataset_config,
-        data_dir=config.data_dir,
-        data_files=data_files,
-        split=config.split,
-        streaming=config.streaming,
-        cache_dir=config.cache_dir,
-    )
-    data = without_image_decoding(data)
+    columns = column_map(config)
+    features = webdataset_features(None, columns) if config.dataset == "webdataset" else None
+    data = _load(config, features)
+    if data.info.builder_name == "webdataset":
+        features = webdataset_features(data.features, columns)  # columns the first samples lacked
+        if features is not None:
+            data = _load(config, features)
+    with data_errors(config):
+        data = without_image_decoding(data)
     return split_dataset_by_node(data, rank=rank, world_size=world_size) if config.streaming else data
+
+
+def _load(config, features):
+    data_files = config.data_files.split(",") if config.data_files and "," in config.data_files else config.data_files
+    options = {} if features is None else {"features": features}
+    if config.on_bad_files != "error":
+        options["on_bad_files"] = config.on_bad_files
+    try:
+        with data_errors(config):
+            return load_dataset(
+                config.dataset,
+                name=config.dataset_config,
+                data_dir=config.data_dir,
+                data_files=data_files,
+                split=config.split,
+                streaming=config.streaming,
+                cache_dir=config.cache_dir,
+                **options,
+            )
+    except DataSourceError as error:
+        if "on_bad_files" in options and "on_bad_files" in str(error.__cause__):
+            raise ValueError(
+                f"on_bad_files={config.on_bad_files!r} needs a `datasets` builder that can skip unreadable files "
+                f"(parquet); {config.dataset!r} cannot. Remove the bad files, or set on_bad_files='error'."
+            ) from error.__cause__
+        raise
+
+
+def column_map(config, columns=()) -> ColumnMap:
+    """The columns `config` names (None: found from `columns`, the data's column names, by `resolved`)."""
+    return ColumnMap(
+        config.format,
+        config.image_column,
+        config.text_column,
+        config.images_column,
+        config.texts_column,
+        config.messages_column,
+        columns,
+    )
+
+
+class data_errors(explain_data_errors):
+    """`explain_data_errors` for the files `config` names; where a parquet file cannot be read and the run stops
+    for it (`on_bad_files="error"`), the message also says how to skip such files instead."""
+
+    def __init__(self, config):
+        super().__init__(config.dataset, config.data_files, config.data_dir)
+        self.on_bad_files = config.on_bad_files
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        try:
+            return super().__exit__(kind, error, traceback)
+        except DataSourceError as explained:
+            if self.on_bad_files != "error" or not _unreadable_parquet(error):
+                raise
+            raise DataSourceError(
+                f"{explained}. To skip unreadable files and train on the rest, set on_bad_files='warn' (the data "
+                "config's; `datasets` then logs each file it skips)"
+            ) from error
+
+
+def _unreadable_parquet(error: BaseException | None) -> bool:
+    """Whether `error`, or one it was raised from or while handling, is pyarrow failing to open a parquet file."""
+    seen = []
+    while error is not None and error not in seen:
+        if type(error).__name__ == "ArrowInvalid" and "parquet" in str(error).lower():
+            return True
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def is_stream(source) -> bool:
     return isinstance(source, IterableDataset)
 
 
-def column_names(source) -> list[str]:
+def column_names(source, errors=None) -> list[str]:
+    """The source's columns; a stream that does not know them is asked for its first example, inside `errors` (a
+    `data_errors`) since that reads a file."""
     if isinstance(source, (Dataset, IterableDataset)) and source.column_names is not None:
         return list(source.column_names)
-    first = source[0] if isinstance(source, Sequence) else next(iter(source))
-    return list(first)
+    if isinstance(source, Sequence):
+        return list(source[0])
+    with errors or contextlib.nullcontext():
+        return list(next(iter(source)))
 
 
 def without_image_decoding(data):
@@ -233,10 +319,12 @@ def _decode_bitmap(state: dict, size: int) -> np.ndarray:
 
 
 class MapReader:
-    """Reader `reader` of a map-style source under `deal`; its position is (epoch, cursor) in its share."""
+    """Reader `reader` of a map-style source under `deal`; its position is (epoch, cursor) in its share. Reads run
+    inside `errors` (a `data_errors`), if given."""
 
-    def __init__(self, source, deal: Deal, reader: int, num_epochs: int | None):
+    def __init__(self, source, deal: Deal, reader: int, num_epochs: int | None, errors=None):
         self.source, self.deal, self.reader, self.num_epochs = source, deal, reader, num_epochs
+        self.errors = errors or contextlib.nullcontext()
         self.epoch, self.cursor = deal.start, 0
 
     def state(self) -> dict:
@@ -248,18 +336,30 @@ class MapReader:
     def __iter__(self) -> Iterator[Example]:
         for epoch, cursor, position in self.deal.reads(self.reader, self.epoch, self.cursor, self.num_epochs):
             index = int(self.deal.order(epoch)[position])
-            example = self.source[index]
+            with self.errors:  # a row `datasets` cannot convert (text that is not UTF-8) fails here
+                example = self.source[index]
             self.epoch, self.cursor = epoch, cursor + 1
             yield Example(index, f"example {index}", example, epoch, cursor == 0)
 
 
 class StreamReader:
-    """Reader rank * K + worker of a stream: the rank's split, split again by worker (`datasets` composes both)."""
+    """Reader rank * K + worker of a stream: the rank's split, split again by worker (`datasets` composes both).
+    Reads run inside `errors` (a `data_errors`), if given: a stream opens each file only when it gets to it."""
 
-    def __init__(self, source: IterableDataset, rank: int, world_size: int, worker: int, num_workers: int, num_epochs):
+    def __init__(
+        self,
+        source: IterableDataset,
+        rank: int,
+        world_size: int,
+        worker: int,
+        num_workers: int,
+        num_epochs: int | None,
+        errors=None,
+    ):
         self.stream = split_dataset_by_node(source, worker, num_workers) if num_workers > 1 else source
         self.reader, self.readers = rank * num_workers + worker, world_size * num_workers
         self.num_epochs = num_epochs
+        self.errors = errors or contextlib.nullcontext()
         # read: examples read in all epochs; in_epoch: in this one; stream_state: None at the start of an epoch
         self.epoch, self.read, self.in_epoch, self.stream_state = 0, 0, 0, None
 
@@ -278,7 +378,12 @@ class StreamReader:
             read_this_epoch = 0
             # `iter(batch_size=1)` rather than `iter(stream)`: inside a loader worker the latter would split the
             # stream across workers a second time.
-            for batch in self.stream.iter(batch_size=1):
+            batches = self.stream.iter(batch_size=1)
+            while True:
+                with self.errors:
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 example = {name: values[0] for name, values in batch.items()}
                 sample_id, opens_epoch = self.reader + self.in_epoch * self.readers, self.in_epoch == 0
                 self.stream_state = self.stream.state_dict()

@@ -27,7 +27,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..collator import MultimodalPackingCollator, PackingStats
 from .config import DataConfig
-from .formats import BadSampleError, ColumnMap, SampleMaker, SkippedSample
+from .formats import BadSampleError, SampleMaker, SkippedSample
+from .health import likely_fix
 from .packing import PackingBuffer
 from .sources import (
     Deal,
@@ -35,7 +36,9 @@ from .sources import (
     MapReader,
     ReaderProgress,
     StreamReader,
+    column_map,
     column_names,
+    data_errors,
     is_stream,
     open_source,
     reader_index,
@@ -59,6 +62,7 @@ class PackedBatchStream(IterableDataset):
     def __init__(self, config: DataConfig, processor, seq_len: int, rank: int = 0, world_size: int = 1):
         self.config, self.seq_len, self.rank, self.world_size = config, seq_len, rank, world_size
         self.source = open_source(config, rank, world_size, image_token=processor.image_token)
+        self.errors = None if config.dataset == "scenes" else data_errors(config)
         self.deal: Deal | None = None  # None for streams
         if not is_stream(self.source):
             if len(self.source) < world_size:
@@ -68,17 +72,16 @@ class PackedBatchStream(IterableDataset):
                 )
             readers = world_size * max(config.num_workers, 1)
             self.deal = Deal(len(self.source), readers, config.seed, config.shuffle)
-        columns = ColumnMap(
-            config.format,
-            config.image_column,
-            config.text_column,
-            config.images_column,
-            config.texts_column,
-            config.messages_column,
-            column_names(self.source),
-        ).resolved()
+        columns = column_map(config, column_names(self.source, self.errors)).resolved()
         self.make_sample = SampleMaker(
-            processor, columns, seq_len, config.max_images_per_batch, config.image_root, config.append_eos
+            processor,
+            columns,
+            seq_len,
+            config.max_images_per_batch,
+            config.image_root,
+            config.append_eos,
+            allow_paths_outside_image_root=config.allow_paths_outside_image_root,
+            max_image_bytes=config.max_image_bytes,
         )
         self.collator = MultimodalPackingCollator.from_processor(processor, seq_len, config.max_images_per_batch)
         self._resume_state: dict | None = None
@@ -96,12 +99,18 @@ class PackedBatchStream(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         config = self.config
         if self.deal is None:
-            reader = StreamReader(self.source, self.rank, self.world_size, worker, num_workers, config.num_epochs)
+            reader = StreamReader(
+                self.source, self.rank, self.world_size, worker, num_workers, config.num_epochs, self.errors
+            )
         else:
             if self.deal.readers != self.world_size * num_workers:
                 raise ValueError(f"the deal is for {self.deal.readers} readers, not {self.world_size} x {num_workers}")
             reader = MapReader(
-                self.source, self.deal, reader_index(self.rank, self.world_size, worker), config.num_epochs
+                self.source,
+                self.deal,
+                reader_index(self.rank, self.world_size, worker),
+                config.num_epochs,
+                self.errors,
             )
         buffer = PackingBuffer(
             self.seq_len,
@@ -170,10 +179,11 @@ class PackedBatchStream(IterableDataset):
             f"{reason} x{count}, e.g. {live.quiet_examples[reason]}" for reason, count in live.quiet.most_common(3)
         )
         where = f"rank {self.rank}, worker {worker}"
+        top = live.quiet.most_common(1)[0][0]
         raise NoUsableSamplesError(
             f"{describe_data(self.config)}: the reader of {where} skipped every example of a whole epoch of its "
             f"share ({live.quiet_reads} in a row) and made no sample, so it would read forever without a batch. "
-            f"Skipped: {reasons}. Check the data config against the data (image_root, the columns, the format)."
+            f"Skipped: {reasons}. Likely fix: {likely_fix(top, live.quiet_examples[top])}."
         )
 
 
