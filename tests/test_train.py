@@ -20,6 +20,7 @@ EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 from train_lib.checkpoints import PARTIAL_PREFIX, complete_checkpoints, resolve_resume
+from train_lib.metrics import read_steps
 
 # A smaller model and shorter rows than the default run, so each test trains in seconds.
 TINY = [
@@ -31,6 +32,15 @@ TINY = [
 REPORT_KEYS = {"steps", "samples_seen", "tokens_seen", "wall_seconds", "tokens_per_second_wall",
                "tokens_per_second_steady", "steady_state", "compile_seconds", "graph_count", "host_syncs_per_step",
                "train_loss_first", "train_loss_last", "skipped", "eval_exact_match", "eval_exact_match_blank_images"}
+
+
+def free_port() -> str:
+    """A port no other test (nor another checkout's test run) is using now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def run_in_process(*args):
@@ -133,22 +143,6 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
         assert torch.equal(expected[name], actual[name]), name
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    process = subprocess.Popen(train_command("--output_dir", tmp_path, "--max_steps", 100000), env=child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    # Wait for training to start (the progress bar), then ask it to stop.
-    output = ""
-    while "it/s" not in output and "s/it" not in output:
-        output += process.stdout.read(64)
-        assert time.time() < deadline and process.poll() is None, output[-2000:]
-    process.send_signal(signal.SIGTERM)
-    output += process.stdout.read()
-    assert process.wait(timeout=120) == 0, output[-2000:]
-    checkpoints = complete_checkpoints(str(tmp_path))
-    assert len(checkpoints) == 1, output[-2000:]
-
-
 def test_resume_ignores_a_partial_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-10").mkdir(parents=True)
@@ -215,7 +209,7 @@ def test_two_cpu_processes_give_the_loss_curve_of_one_with_the_same_global_batch
 
     steps = ["--max_steps", 6, "--learning_rate", 3e-3]
     two = tmp_path / "two"
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
     result = subprocess.run(train_command("--output_dir", two, *steps, launcher=torchrun), env=child_env(),
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -229,19 +223,50 @@ def test_two_cpu_processes_give_the_loss_curve_of_one_with_the_same_global_batch
                                atol=1e-4, rtol=1e-4)
 
 
+def write_alternating_parquet(path: str, samples: int) -> str:
+    """Interleaved-format rows: even rows a scene image and its caption, odd rows text only."""
+    import io
+
+    from datasets import Dataset, Features, Image, List, Value
+
+    from processing.scenes import ScenesSource
+
+    scenes, texts, images = ScenesSource("train", samples, 0), [], []
+    for index in range(samples):
+        example = scenes[index]
+        caption = example["text"].split("|>")[-1]
+        if index % 2 == 0:
+            png = io.BytesIO()
+            example["images"][0].save(png, format="PNG")
+            texts.append([None, caption])
+            images.append([{"bytes": png.getvalue(), "path": None}, None])
+        else:
+            texts.append([f"no image here: {caption}"])
+            images.append([None])
+    features = Features({"texts": List(Value("string")), "images": List(Image())})
+    Dataset.from_dict({"texts": texts, "images": images}, features=features).to_parquet(path)
+    return path
+
+
 def test_a_rank_without_images_trains_in_step_with_a_rank_with_images(tmp_path):
     """2 CPU processes (gloo DDP): rank 0 reads only image samples, rank 1 only text. DDP fails the step if a
-    parameter has a gradient on one rank and none on the other; the model's blank-image pass prevents that."""
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.make_mixed_data import write_mixed_parquet
+    parameter has a gradient on one rank and none on the other; the model's blank-image pass prevents that.
 
-    data = write_mixed_parquet(str(tmp_path / "mixed.parquet"), samples=64)
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534")
+    A stream of one file is split across ranks example by example (row i to rank i % 2), so alternating rows give
+    each rank one kind; a stream's sample id is the row, which steps.jsonl shows per rank."""
+    data = write_alternating_parquet(str(tmp_path / "alternating.parquet"), samples=64)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
+    run = tmp_path / "run"
     result = subprocess.run(
-        train_command("--output_dir", tmp_path / "run", "--max_steps", 4, "--dataset", "parquet", "--data_files",
-                      data, "--data_format", "interleaved", "--eval_samples", 0, launcher=torchrun),
+        train_command("--output_dir", run, "--max_steps", 4, "--dataset", "parquet", "--data_files", data,
+                      "--streaming", "true", "--data_format", "interleaved", "--eval_samples", 0,
+                      "--log_sample_ids", "true", launcher=torchrun),
         env=child_env(), capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    report = json.loads((run / "report.json").read_text())
     assert report["steps"] == 4 and report["skipped"] == {}
+    for record in read_steps(run):
+        with_images, text_only = record["sample_ids"]
+        assert with_images and all(i % 2 == 0 for i in with_images), record
+        assert text_only and all(i % 2 == 1 for i in text_only), record
