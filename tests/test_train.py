@@ -270,3 +270,57 @@ def test_a_rank_without_images_trains_in_step_with_a_rank_with_images(tmp_path):
         with_images, text_only = record["sample_ids"]
         assert with_images and all(i % 2 == 0 for i in with_images), record
         assert text_only and all(i % 2 == 1 for i in text_only), record
+
+
+def partition_like_zero3(model) -> None:
+    """What ZeRO-3 leaves on a rank: every parameter's local tensor empty, its full size in `ds_numel`."""
+    for parameter in model.parameters():
+        parameter.ds_numel = parameter.numel()
+        parameter.data = torch.empty(0, dtype=parameter.dtype)
+
+
+def test_flops_and_parameter_counts_see_through_partitioned_parameters():
+    from train_lib.arguments import parse_arguments
+    from train_lib.model_factory import build_model_and_processor, parameter_counts
+    from train_lib.reporting import flops_per_token
+
+    model_args, data_args, _ = parse_arguments(TINY)
+    model, _ = build_model_and_processor(model_args)
+    whole = flops_per_token(model, data_args.seq_len), parameter_counts(model)
+    partition_like_zero3(model)
+    assert (flops_per_token(model, data_args.seq_len), parameter_counts(model)) == whole
+
+
+def test_the_trainer_counts_flops_before_prepare_partitions_the_model(monkeypatch):
+    """`accelerate.prepare` under ZeRO-3 or FSDP2 leaves each rank a shard; counted after it, MFU read 0.6 %."""
+    import train
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from train_lib.arguments import parse_arguments
+    from train_lib.metrics import model_flops_utilization
+    from train_lib.model_factory import build_model_and_processor
+    from train_lib.reporting import flops_per_token
+
+    model_args, data_args, train_args = parse_arguments(TINY)
+    torch.manual_seed(0)
+    expected = flops_per_token(build_model_and_processor(model_args)[0], data_args.seq_len)
+    prepare = Accelerator.prepare
+
+    def prepare_then_shard(self, model, *rest):
+        model, *rest = prepare(self, model, *rest)
+        for parameter in model.parameters():
+            parameter.data = torch.empty(0, dtype=parameter.dtype)  # a shard of nothing, no ds_numel to help
+        return (model, *rest)
+
+    monkeypatch.setattr(Accelerator, "prepare", prepare_then_shard)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = train.make_accelerator(train_args)
+        *_, counts = train.build_training(accelerator, model_args, data_args, train_args)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert counts.flops_per_token == expected
+    # The peak is one device's, times the processes.
+    assert model_flops_utilization(2e3, expected, 1e12, 4) == pytest.approx(2e3 * expected / 4e12)
