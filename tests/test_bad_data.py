@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import data
 
-from processing.data import DataConfig, build_train_dataloader
+from processing.data import DataConfig, NoUsableSamplesError, build_train_dataloader
 from processing.data.formats import (
     SKIP_REASONS,
     ColumnMap,
@@ -406,3 +406,141 @@ def test_a_run_on_llava_data_without_image_root_stops_early(processor, image_roo
                        r"file.* set --image_root"):
         for _ in loader:
             guard.check(loader.samples_seen, loader.skipped, loader.skip_examples)
+
+
+# Through the loader: what a user sees (`build_train_dataloader` with a DataConfig, as the trainer calls it)
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def loader_config(**options) -> DataConfig:
+    return DataConfig(**{"num_epochs": 1, "rows_per_batch": 2, "max_images_per_batch": 8, **options})
+
+
+def test_the_loader_refuses_paths_outside_image_root_unless_the_config_allows_them(processor, image_root, tmp_path):
+    path = write_jsonl(tmp_path / "outside.jsonl", [llava("../secret.png", *GOOD_TURNS)] * 3)
+    refused = build_train_dataloader(loader_config(dataset="json", data_files=path, image_root=str(image_root)),
+                                     processor, SEQ_LEN)
+    assert not list(refused) and dict(refused.skipped) == {"path_outside_image_root": 3}
+    allowed = build_train_dataloader(
+        loader_config(dataset="json", data_files=path, image_root=str(image_root), allow_paths_outside_image_root=True),
+        processor, SEQ_LEN,
+    )
+    assert list(allowed) and allowed.samples_seen == 3 and not allowed.skipped
+
+
+def test_the_loader_skips_images_over_the_configs_max_image_bytes(processor, image_root, tmp_path):
+    path = write_jsonl(tmp_path / "photos.jsonl", [llava("photo.png", *GOOD_TURNS)] * 3)
+    options = {"dataset": "json", "data_files": path, "image_root": str(image_root)}
+    under_the_default = build_train_dataloader(loader_config(**options), processor, SEQ_LEN)
+    assert list(under_the_default) and under_the_default.samples_seen == 3
+    loader = build_train_dataloader(loader_config(**options, max_image_bytes=1000), processor, SEQ_LEN)
+    assert not list(loader) and dict(loader.skipped) == {"invalid_image": 3}
+    assert "over the limit of 1,000 bytes" in loader.skip_examples["invalid_image"]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_loader_reads_a_caption_column_missing_from_a_webdatasets_first_samples(processor, tmp_path, streaming):
+    tar = webdataset_tar(tmp_path / "late.tar", has_caption=lambda i: i >= 6)
+    loader = build_train_dataloader(loader_config(dataset="webdataset", data_files=tar, streaming=streaming),
+                                    processor, SEQ_LEN)
+    assert loader.stream.make_sample.columns.text == "txt"
+    list(loader)
+    assert loader.samples_seen == 4 and dict(loader.skipped) == {"empty_text": 6}
+
+
+def test_the_loader_reads_a_webdataset_with_mixed_first_samples_by_the_named_columns(processor, tmp_path):
+    tar = webdataset_tar(tmp_path / "mixed.tar", has_caption=lambda i: i % 2 == 1)
+    named = loader_config(dataset="webdataset", data_files=tar, streaming=True, image_column="jpg", text_column="txt")
+    loader = build_train_dataloader(named, processor, SEQ_LEN)
+    list(loader)
+    assert loader.samples_seen == 5 and dict(loader.skipped) == {"empty_text": 5}
+    with pytest.raises(DataSourceError, match=r"mixed.tar carry different file types.*--text_column txt"):
+        build_train_dataloader(loader_config(dataset="webdataset", data_files=tar, streaming=True), processor, SEQ_LEN)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_loader_names_the_line_of_a_jsonl_that_is_not_utf8(processor, image_root, tmp_path, streaming):
+    lines = [json.dumps(llava("photo.png", *GOOD_TURNS)).encode()] * 3
+    lines[1] = lines[1].replace(b"astronaut", b"astronaut caf\xe9")
+    (tmp_path / "latin1.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    data = loader_config(dataset="json", data_files=str(tmp_path / "latin1.jsonl"), image_root=str(image_root),
+                         streaming=streaming, shuffle=False)
+    with pytest.raises(DataSourceError, match=r"latin1.jsonl line 2 is not valid UTF-8 .*re-encode the file"):
+        list(build_train_dataloader(data, processor, SEQ_LEN))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_loader_names_an_empty_jsonl(processor, tmp_path, streaming):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    data = loader_config(dataset="json", data_files=str(tmp_path / "empty.jsonl"), streaming=streaming)
+    with pytest.raises(DataSourceError, match=r"empty.jsonl: empty \(no example\); remove it from data_files"):
+        build_train_dataloader(data, processor, SEQ_LEN)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_the_loader_says_when_data_files_match_nothing(processor, tmp_path, streaming):
+    data = loader_config(dataset="json", data_files=str(tmp_path / "nothing-*.jsonl"), streaming=streaming)
+    with pytest.raises(DataSourceError, match=r"data_files matches no file; check the path or glob .*nothing-\*"):
+        build_train_dataloader(data, processor, SEQ_LEN)
+
+
+def parquet_shards_one_truncated(tmp_path) -> str:
+    """shard-000 (captions 0..39) and shard-002 (40..79) whole; shard-001 cut in half, like an interrupted copy."""
+    for shard, first in ((0, 0), (1, 0), (2, 40)):
+        table = pa.table({"txt": [f"caption number {i}" for i in range(first, first + 40)], "jpg": [PNG] * 40})
+        pq.write_table(table, tmp_path / f"shard-00{shard}.parquet")
+    whole = (tmp_path / "shard-001.parquet").read_bytes()
+    (tmp_path / "shard-001.parquet").write_bytes(whole[: len(whole) // 2])
+    return ",".join(str(tmp_path / f"shard-00{shard}.parquet") for shard in range(3))
+
+
+TRUNCATED = r"shard-001.parquet \(.*\) cannot be opened as parquet .*download it again.*on_bad_files='warn'"
+
+
+def test_the_loader_names_a_truncated_parquet_shard_when_opening_it(processor, tmp_path):
+    data = loader_config(dataset="parquet", data_files=parquet_shards_one_truncated(tmp_path))
+    with pytest.raises(DataSourceError, match=TRUNCATED):
+        build_train_dataloader(data, processor, SEQ_LEN)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_stream_names_a_truncated_parquet_shard_when_it_reaches_it(processor, tmp_path, num_workers):
+    data = loader_config(dataset="parquet", data_files=parquet_shards_one_truncated(tmp_path), streaming=True,
+                         num_workers=num_workers)
+    loader = build_train_dataloader(data, processor, SEQ_LEN)  # a stream opens each shard only when it gets to it
+    with pytest.raises(DataSourceError, match=TRUNCATED):
+        list(loader)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_on_bad_files_warn_skips_a_truncated_shard_naming_it_and_trains_on_the_rest(
+    processor, tmp_path, streaming, caplog
+):
+    data = loader_config(dataset="parquet", data_files=parquet_shards_one_truncated(tmp_path), streaming=streaming,
+                         on_bad_files="warn")
+    with caplog.at_level(logging.WARNING):
+        loader = build_train_dataloader(data, processor, SEQ_LEN)
+        list(loader)
+    assert loader.samples_seen == 80 and not loader.skipped
+    assert any("shard-001.parquet" in record.getMessage() for record in caplog.records)
+
+
+def test_on_bad_files_for_a_builder_that_cannot_skip_files_is_refused(processor, image_root, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [llava("photo.png", *GOOD_TURNS)])
+    with pytest.raises(ValueError, match=r"on_bad_files='warn' needs .*parquet.*'json' cannot"):
+        build_train_dataloader(loader_config(dataset="json", data_files=path, on_bad_files="warn"), processor, SEQ_LEN)
+
+
+def test_llava_json_with_a_wrong_image_root_stops_naming_the_file_and_the_fix(processor, image_root, tmp_path):
+    path = write_jsonl(tmp_path / "llava.jsonl", [llava(f"{i}.png", *GOOD_TURNS) for i in range(8)])
+    data = loader_config(dataset="json", data_files=path, image_root=str(tmp_path / "nowhere"), num_epochs=None,
+                         num_workers=2)
+    with pytest.raises(NoUsableSamplesError) as error:
+        next(iter(build_train_dataloader(data, processor, SEQ_LEN)))
+    message = str(error.value)
+    assert path in message and re.search(r"nowhere/\d\.png' is not a file", message)
+    assert "Likely fix: image paths do not point at files: set --image_root" in message
