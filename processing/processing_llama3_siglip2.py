@@ -52,6 +52,7 @@ from .text_encoding import (
     mark_control_tokens,
     overlaps,
     pad_to,
+    special_tokens_around,
     text_segments,
     tokenize_segments,
     truncate,
@@ -249,7 +250,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         images_per_sample = self._images_per_sample([text], [list(images or [])])
         segments = text_segments(text, self.image_token, split_special_tokens)
         if append_eos:
-            segments.append(("trusted", eos, len(text)))
+            segments.append(("token", eos, len(text)))
         return self._encode_batch(
             [segments],
             images_per_sample,
@@ -432,7 +433,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
     def _render_chats(self, chats, template: str, mark: bool, assistant_mask: bool = False, **render):
         """The chats through the template; with `mark`, their special-token strings wrapped for `chat_segments`."""
         if mark:
-            pattern = control_token_pattern(self.tokenizer, self.image_token)
+            pattern = self._cached("control_tokens", lambda: control_token_pattern(self.tokenizer, self.image_token))
             chats = [mark_control_tokens(chat, pattern) for chat in chats]
         return render_jinja_template(
             conversations=chats,
@@ -440,6 +441,18 @@ class Llama3Siglip2Processor(ProcessorMixin):
             return_assistant_tokens_mask=assistant_mask,
             **{**self._template_kwargs(), **render},
         )
+
+    def _cached(self, name: str, compute):
+        """`compute()`, kept until the tokenizer changes: its vocabulary size or its bos/eos settings."""
+        tokenizer = self.tokenizer
+        key = (len(tokenizer), getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
+        cache = self.__dict__.setdefault("_tokenizer_cache", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = key, compute()
+        return cache[name][1]
+
+    def _special_tokens_around(self) -> tuple[list[int], list[int]]:
+        return self._cached("around", lambda: special_tokens_around(self.tokenizer))
 
     def _warn_on_template_tokens(self, texts: list[str]) -> None:
         if not isinstance(self.chat_template, str):
@@ -483,7 +496,8 @@ class Llama3Siglip2Processor(ProcessorMixin):
             tokens_per_image = self.image_processor.num_image_tokens(
                 image_data["spatial_shapes"], images_kwargs.get("merge_size")
             )
-        rows = tokenize_segments(self.tokenizer, samples, self.image_token_id, add_special_tokens)
+        around = self._special_tokens_around() if add_special_tokens else ([], [])
+        rows = tokenize_segments(self.tokenizer, samples, around)
         for index, (row, sample_images) in enumerate(zip(rows, images_per_sample)):
             if (found := row.ids.count(self.image_token_id)) != len(sample_images):
                 raise ValueError(

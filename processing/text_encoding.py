@@ -6,7 +6,7 @@ A sample reaches the tokenizer as *segments*, `(kind, piece, start)`:
   they are written with (the tokenizer's `split_special_tokens=True`);
 - "trusted": encoded as the tokenizer does, its special tokens control tokens (a chat template's own text, text the
   caller vouches for);
-- "image": one `<|image|>` placeholder.
+- "token": one token of the vocabulary, given as its string (an `<|image|>` placeholder, an appended eos).
 
 `start` is where the piece begins in the string it was cut from, so token offsets index that string (for a chat, the
 rendered template, whose `{% generation %}` spans give the assistant mask).
@@ -41,12 +41,12 @@ class TokenRow:
 
 
 def text_segments(text: str, image_token: str, split: bool) -> list[Segment]:
-    """`text` as "text" pieces around its "image" placeholders; without `split`, as one "trusted" piece."""
+    """`text` as "text" pieces around its image placeholders ("token"); without `split`, one "trusted" piece."""
     if not split:
         return [("trusted", text, 0)]
     segments, start = [], 0
     for match in re.finditer(re.escape(image_token), text):
-        segments += [("text", text[start : match.start()], start), ("image", match.group(), match.start())]
+        segments += [("text", text[start : match.start()], start), ("token", match.group(), match.start())]
         start = match.end()
     return [*segments, ("text", text[start:], start)]
 
@@ -100,13 +100,14 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def tokenize_segments(
-    tokenizer, samples: list[list[Segment]], image_token_id: int, add_special_tokens: bool
+    tokenizer, samples: list[list[Segment]], around: tuple[list[int], list[int]] = ([], [])
 ) -> list[TokenRow]:
-    """Each sample's segments as one row of ids and offsets, in two batched tokenizer calls (one per kind)."""
+    """Each sample's segments as one row of ids and offsets, in two batched tokenizer calls (one per kind), between
+    `around`'s prefix and suffix ids (see `special_tokens_around`)."""
     jobs: dict[str, list[tuple[int, int, str]]] = {"text": [], "trusted": []}
     for s, segments in enumerate(samples):
         for k, (kind, piece, _) in enumerate(segments):
-            if kind != "image" and piece:
+            if kind != "token" and piece:
                 jobs[kind].append((s, k, piece))
     encoded = {}
     for kind in ("text", "trusted"):  # trusted last: a fast tokenizer's backend keeps the last call's split setting
@@ -119,13 +120,13 @@ def tokenize_segments(
             )
             for (s, k, _), ids, offsets in zip(jobs[kind], out["input_ids"], out["offset_mapping"]):
                 encoded[s, k] = ids, offsets
-    prefix, suffix = special_tokens_around(tokenizer) if add_special_tokens else ([], [])
+    prefix, suffix = around
     rows = []
     for s, segments in enumerate(samples):
         row = TokenRow(list(prefix), [(0, 0)] * len(prefix))
         for k, (kind, piece, start) in enumerate(segments):
-            if kind == "image":
-                row.ids.append(image_token_id)
+            if kind == "token":
+                row.ids.append(tokenizer.convert_tokens_to_ids(piece))
                 row.offsets.append((start, start + len(piece)))
             elif (s, k) in encoded:
                 ids, offsets = encoded[s, k]
