@@ -425,3 +425,18 @@ def test_skips_of_a_worker_that_never_fills_a_batch_are_counted(processor, tmp_p
     loader = build_train_dataloader(data, processor, SEQ_LEN)
     assert sorted(read_all(loader, processor.tokenizer)) == [caption(0), caption(2)]
     assert dict(loader.skipped) == {"invalid_image": 2}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_unshuffled_rank_r_of_w_reads_the_rows_r_r_plus_w_and_so_on_each_epoch(processor, tmp_path, num_workers):
+    # Benchmarks rely on this: without shuffle, which rows a rank trains on depends only on its rank.
+    rows, world_size, epochs = 20, 3, 2
+    path = captions_parquet(tmp_path, rows)
+    for rank in range(world_size):
+        data = config(path, shuffle=False, num_epochs=epochs, num_workers=num_workers)
+        loader = build_train_dataloader(data, processor, SEQ_LEN, rank, world_size)
+        ids = []
+        for batch in loader:
+            assert samples_of(batch, processor.tokenizer) == [caption(i) for i in loader.last_sample_ids]
+            ids += loader.last_sample_ids
+        assert sorted(ids) == sorted(list(range(rank, rows, world_size)) * epochs)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processing.data import DataConfig, build_train_dataloader
+from processing.data import DataConfig, DataSourceError, build_train_dataloader
 from processing.data.sources import Deal, ReaderProgress, redeal
 from processing.data.stream import NoUsableSamplesError
 from tests.test_data import (
@@ -362,3 +362,32 @@ def test_redeal_in_isolation_leaves_exactly_the_unconsumed_positions():
     assert redealt.share(1, 0).tolist() == list(range(0, 20, 3))  # the next epoch is whole again
     again = Deal.from_state(json.loads(json.dumps(redealt.state())), 20, 1, True)
     assert all((again.share(0, j) == redealt.share(0, j)).all() for j in range(3))
+
+
+# Settings a resume may change
+
+
+def test_a_stream_stopped_by_a_truncated_shard_resumes_with_on_bad_files_warn_and_delivers_the_rest_once(
+    processor, tmp_path
+):
+    # The recovery path: the run stops naming the shard; the user resumes from the last checkpoint skipping it.
+    # on_bad_files, max_image_bytes and allow_paths_outside_image_root change no position, so a resume may change them.
+    for shard, first in ((0, 0), (1, 0), (2, 60)):
+        table = pa.table({"txt": [caption(i) for i in range(first, first + 60)], "jpg": [png_bytes()] * 60})
+        pq.write_table(table, tmp_path / f"shard-00{shard}.parquet")
+    whole = (tmp_path / "shard-001.parquet").read_bytes()
+    (tmp_path / "shard-001.parquet").write_bytes(whole[: len(whole) // 2])
+    files = ",".join(str(tmp_path / f"shard-00{shard}.parquet") for shard in range(3))
+    data = config(dataset="parquet", data_files=files, streaming=True)
+    loader = build_train_dataloader(data, processor, SEQ_LEN)
+    first = delivered(train_steps([loader], 2))
+    assert first and max(first) < 60
+    state = saved(loader)
+    with pytest.raises(DataSourceError, match=r"shard-001.parquet .*on_bad_files='warn'"):
+        train_steps([loader], None)
+    lenient = DataConfig(**{**vars(data), "on_bad_files": "warn", "max_image_bytes": 10**6,
+                            "allow_paths_outside_image_root": True})
+    resumed = build_ranks(lenient, processor, 1, [state])
+    rest = delivered(train_steps(resumed, None))
+    assert sorted(first + rest) == list(range(120))
+    assert resumed[0].samples_seen == 120
