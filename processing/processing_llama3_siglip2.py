@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from transformers import AddedToken
 from transformers.image_processing_utils import BatchFeature
-from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -125,6 +125,7 @@ _PROCESSOR_CALL_KWARGS = (
     | frozenset(ImagesKwargs.__annotations__)
     | frozenset(Llama3Siglip2ImagesKwargs.__annotations__)
     | frozenset(Llama3Siglip2ProcessorKwargs.__annotations__)
+    | {"images"}  # apply_chat_template's images for image parts without one
 )
 
 
@@ -192,7 +193,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         videos: Any = None,
         audio: Any = None,
-        **kwargs,
+        **kwargs: Unpack[Llama3Siglip2ProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize `text` with each `<|image|>` expanded for its image, and process the images.
 
