@@ -180,6 +180,8 @@ class Llama3Siglip2PreTrainedModel(PreTrainedModel):
         return super()._upload_modified_files(working_dir, *args, **kwargs)
 
 
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
 # A sentence of the card transformers makes for a repository that has none (`create_and_tag_model_card`).
 TRANSFORMERS_TEMPLATE_MARK = "This model card has been automatically generated."
 
@@ -532,6 +534,36 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
             ignore_index=self.config.ignore_index,
             shift_labels=None if shift_labels is None else self.loss_targets(shift_labels),
         )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """transformers' copies of each row (one per beam or returned sequence), each row followed by its own images.
+
+        transformers repeats each image in place, which pairs rows with images only when every row has one image:
+        with rows of 2 and 1 images, copies of row 0 would get images 0, 0 where they need 0, 1.
+        """
+        images = {key: model_kwargs.pop(key) for key in IMAGE_INPUTS if model_kwargs.get(key) is not None}
+        if images and expand_size > 1:
+            counts = self._images_per_row(input_ids, model_kwargs.get("inputs_embeds")).tolist()
+            n_images = images["pixel_values"].shape[0]
+            if sum(counts) != n_images:
+                raise ValueError(f"The rows hold {sum(counts)} images (<boi> tokens, {counts} per row) but "
+                                 f"pixel_values has {n_images}")
+            starts = [sum(counts[:row]) for row in range(len(counts))]
+            index = [i for row, count in enumerate(counts) for _ in range(expand_size)
+                     for i in range(starts[row], starts[row] + count)]
+            index = torch.tensor(index, dtype=torch.long, device=images["pixel_values"].device)
+            images = {key: value[index] for key, value in images.items()}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, **images}
+
+    def _images_per_row(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """(B,) images in each row: its `<boi>` tokens, found in the ids or, without them, in the embeddings."""
+        if input_ids is not None and input_ids.shape[-1] > 0:
+            return (input_ids == self.config.boi_token_id).sum(-1)
+        boi = self.get_input_embeddings()(torch.tensor(self.config.boi_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == boi).all(-1).sum(-1)
 
     @accepts_either_cache_name
     def prepare_inputs_for_generation(

@@ -45,7 +45,21 @@ REMOTE_LOAD = textwrap.dedent(
         full = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
         base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
         assert type(full).__module__.startswith("transformers_modules"), type(full).__module__
-        save_file({"logits": full(**inputs).logits, "hidden": base(**inputs).last_hidden_state}, out_file)
+        outputs = {
+            "logits": full(**inputs).logits,
+            "hidden": base(**inputs).last_hidden_state,
+            "loss": full(**inputs, labels=inputs["input_ids"]).loss,
+            "generated": full.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False),
+        }
+        save_file(outputs, out_file)
+
+    if len(sys.argv) > 4:  # the folder has a processor too: transformers' pipeline, all from the folder's code
+        from PIL import Image
+        from transformers import pipeline
+
+        generator = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+        text = generator(images=Image.new("RGB", (40, 30), "red"), text=sys.argv[4], max_new_tokens=3)
+        assert text[0]["generated_text"].startswith(sys.argv[4]), text
     """
 )
 
@@ -88,14 +102,17 @@ def test_auto_classes_resolve_to_ours(built, tmp_path):
 
 
 def test_trust_remote_code_load_without_the_package_gives_the_same_outputs(built, tmp_path):
-    model, _ = built
+    """Forward, loss, generate and the pipeline, from the folder's code alone, under this transformers."""
+    model, processor = built
     folder = tmp_path / "model"
     model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     inputs = model_inputs(model)
     save_file(inputs, tmp_path / "inputs.safetensors")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(tmp_path / "inputs.safetensors"), str(tmp_path / "out.safetensors")],
+        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(tmp_path / "inputs.safetensors"),
+         str(tmp_path / "out.safetensors"), "<|image|>Describe the image."],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -103,3 +120,6 @@ def test_trust_remote_code_load_without_the_package_gives_the_same_outputs(built
     with torch.no_grad():
         torch.testing.assert_close(remote["logits"], model(**inputs).logits, atol=0, rtol=0)
         torch.testing.assert_close(remote["hidden"], model.model(**inputs).last_hidden_state, atol=0, rtol=0)
+        torch.testing.assert_close(remote["loss"], model(**inputs, labels=inputs["input_ids"]).loss, atol=0, rtol=0)
+        generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert remote["generated"].tolist() == generated.tolist()
