@@ -498,7 +498,9 @@ class Llama3Siglip2Processor(ProcessorMixin):
                 image_data["spatial_shapes"], images_kwargs.get("merge_size")
             )
         around = self._special_tokens_around() if add_special_tokens else ([], [])
-        rows = tokenize_segments(self.tokenizer, samples, around)
+        rows = tokenize_segments(
+            self.tokenizer, samples, around, with_offsets=bool(return_assistant_tokens_mask or return_offsets_mapping)
+        )
         for index, (row, sample_images) in enumerate(zip(rows, images_per_sample)):
             if (found := row.ids.count(self.image_token_id)) != len(sample_images):
                 raise ValueError(

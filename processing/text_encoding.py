@@ -100,10 +100,14 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def tokenize_segments(
-    tokenizer, samples: list[list[Segment]], around: tuple[list[int], list[int]] = ([], [])
+    tokenizer,
+    samples: list[list[Segment]],
+    around: tuple[list[int], list[int]] = ([], []),
+    with_offsets: bool = True,
 ) -> list[TokenRow]:
     """Each sample's segments as one row of ids and offsets, in two batched tokenizer calls (one per kind), between
-    `around`'s prefix and suffix ids (see `special_tokens_around`)."""
+    `around`'s prefix and suffix ids (see `special_tokens_around`). Without `with_offsets` (which needs a fast
+    tokenizer) the offsets are all (0, 0)."""
     jobs: dict[str, list[tuple[int, int, str]]] = {"text": [], "trusted": []}
     for s, segments in enumerate(samples):
         for k, (kind, piece, _) in enumerate(segments):
@@ -116,10 +120,11 @@ def tokenize_segments(
                 [piece for _, _, piece in jobs[kind]],
                 add_special_tokens=False,
                 split_special_tokens=kind == "text",
-                return_offsets_mapping=True,
+                return_offsets_mapping=with_offsets,
             )
-            for (s, k, _), ids, offsets in zip(jobs[kind], out["input_ids"], out["offset_mapping"]):
-                encoded[s, k] = ids, offsets
+            offsets = out["offset_mapping"] if with_offsets else [[(0, 0)] * len(ids) for ids in out["input_ids"]]
+            for (s, k, _), piece_ids, piece_offsets in zip(jobs[kind], out["input_ids"], offsets):
+                encoded[s, k] = piece_ids, piece_offsets
     prefix, suffix = around
     rows = []
     for s, segments in enumerate(samples):

@@ -520,3 +520,14 @@ def test_assistant_masks_mark_the_tokens_sft_labels_cover(processor):
     sample = processor.build_sft_sample(CHAT, images=[solid("red")])
     assert torch.equal(masks["input_ids"], sample["input_ids"])
     assert torch.equal(masks["assistant_masks"].bool(), sample["labels"] != -100)
+
+
+def test_offsets_index_the_text_and_an_images_tokens_point_at_its_placeholder(processor):
+    text = "red <|image|> box"
+    out = processor(text=text, images=[solid("red")], return_offsets_mapping=True)
+    ids, offsets = out["input_ids"][0], out["offset_mapping"][0]
+    for token, (start, end) in zip(ids, offsets):
+        if token in (processor.image_token_id, processor.boi_token_id, processor.eoi_token_id):
+            assert text[start:end] == "<|image|>"
+        elif token != processor.tokenizer.bos_token_id:
+            assert processor.tokenizer.decode([token]) == text[start:end]
