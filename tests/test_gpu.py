@@ -2,6 +2,7 @@
 
 bf16 keeps 8 bits of mantissa, so "equal" here means within a few bf16 steps of the reference computed by
 transformers' own models on the same device and dtype, and greedy decoding may only part ways at a near-tie.
+With 2 GPUs, `from_pretrained(tp_plan="auto")` is checked against one GPU under torchrun (fp32).
 """
 
 from __future__ import annotations
@@ -104,3 +105,77 @@ def test_cached_greedy_generation_matches_full_forwards_in_bf16(gpu_model):
                 assert float(top2[0] - top2[1]) < 0.1, f"step {step}: {cached[step]} vs {next_id}, gap {top2}"
                 break
             ids = torch.cat([ids, torch.tensor([[next_id]]).cuda()], dim=1)
+
+
+# Run by torchrun, one process per GPU: load the saved folders with `tp_plan="auto"` and compare with the same
+# checkpoint on this rank's GPU without tensor parallelism.
+TENSOR_PARALLEL = """
+import os, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+import modeling_llama3_siglip2  # registers the Auto classes
+
+inputs_file, *folders = sys.argv[1:]
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+torch.cuda.set_device(device)
+inputs = {k: v.to(device) for k, v in load_file(inputs_file).items()}
+for folder in folders:
+    sharded = AutoModelForImageTextToText.from_pretrained(folder, tp_plan="auto").eval()
+    whole = AutoModelForImageTextToText.from_pretrained(folder).to(device).eval()
+    assert sharded.tp_size == 2, sharded.tp_size
+    head = sharded.lm_head.weight
+    local_rows = (head.to_local() if hasattr(head, "to_local") else head).shape[0]
+    assert local_rows < whole.lm_head.weight.shape[0], "lm_head was not sharded"
+    tied = whole.config.tie_word_embeddings
+    assert (sharded.lm_head.weight is sharded.get_input_embeddings().weight) == tied
+    with torch.no_grad():
+        logits = sharded(**inputs).logits
+        torch.testing.assert_close(logits, whole(**inputs).logits, atol=1e-4, rtol=1e-4)
+        settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert sharded.generate(**inputs, **settings).tolist() == whole.generate(**inputs, **settings).tolist()
+    print(f"rank {os.environ['RANK']}: {os.path.basename(folder)} tied={tied} lm_head rows here {local_rows}: OK",
+          flush=True)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_tensor_parallel_from_pretrained_gives_the_single_gpu_outputs(tmp_path):
+    """`from_pretrained(folder, tp_plan="auto")` on 2 GPUs, tied and untied head, with an image: same logits and tokens."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from modeling_llama3_siglip2 import Llama3Siglip2Config, Llama3Siglip2ForConditionalGeneration
+
+    folders = []
+    for tie in (True, False):
+        config = Llama3Siglip2Config(
+            text_config=dict(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               patch_size=4, num_patches=64),
+            tie_word_embeddings=tie,
+        )
+        torch.manual_seed(0)
+        folder = tmp_path / f"tied-{tie}"
+        Llama3Siglip2ForConditionalGeneration(config).save_pretrained(folder)
+        folders.append(str(folder))
+    pv, mask, shapes = naflex_batch([(4, 6)], 64, 4, seed=3)
+    ids = sequence_with_images(config, [text_ids(3, 1), text_ids(4, 2)], [24])
+    save_file(dict(input_ids=torch.tensor([ids]), pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=shapes),
+              tmp_path / "inputs.safetensors")
+    (tmp_path / "tp.py").write_text(TENSOR_PARALLEL)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(tmp_path / "tp.py"),
+         str(tmp_path / "inputs.safetensors"), *folders],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count(": OK") == 4, result.stdout
