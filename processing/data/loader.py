@@ -106,7 +106,10 @@ class PackedDataLoader:
             yield batch
 
     def _layout(self) -> dict:
-        """What the saved positions depend on."""
+        """What the saved positions depend on. Settings that change only which examples are skipped (image_root,
+        allow_paths_outside_image_root, max_image_bytes, strict) or which unreadable files a stream passes over
+        (on_bad_files) are left out: a resume may change them, e.g. to skip the broken shard that stopped a run.
+        A map-style data set that lost a file has another size, which is checked."""
         config, stream = self.config, self.stream
         return {
             "num_workers": config.num_workers,
