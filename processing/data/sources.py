@@ -84,7 +84,9 @@ def open_source(config, rank: int = 0, world_size: int = 1, image_token: str | N
     features = webdataset_features(None, columns) if config.dataset == "webdataset" else None
     data = _load(config, features)
     if data.info.builder_name == "webdataset":
-        features = webdataset_features(data.features, columns)  # columns the first samples lacked
+        # Columns the first samples lacked. Opening again costs little when streaming; a map-style webdataset is
+        # prepared again, once, under the new features.
+        features = webdataset_features(data.features, columns)
         if features is not None:
             data = _load(config, features)
     with data_errors(config):
