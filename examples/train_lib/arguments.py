@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 import yaml
 from transformers import HfArgumentParser
 
+from processing.image_loading import MAX_IMAGE_BYTES
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # With no --config and no model named, the script runs the toy job described by this file.
 DEFAULT_CONFIG = os.path.join(CONFIGS, "default.yaml")
@@ -100,7 +102,21 @@ class DataArguments:
     image_column: str | None = field(default=None, metadata={"help": "Caption format: the image column (e.g. jpg)."})
     text_column: str | None = field(default=None, metadata={"help": "Caption format: the text column (e.g. txt)."})
     messages_column: str | None = field(default=None, metadata={"help": "Chat format: messages or conversations."})
-    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths start from."})
+    image_root: str | None = field(default=None, metadata={
+        "help": "Folder that relative image paths start from (unset: the current directory)."})
+    allow_paths_outside_image_root: bool = field(default=False, metadata={
+        "help": "Load image paths that lead outside --image_root (../ or absolute paths elsewhere). Only for data "
+                "you trust."})
+    max_image_bytes: int = field(default=MAX_IMAGE_BYTES, metadata={
+        "help": "Largest image file read, in bytes (default 256 MiB); larger ones are skipped as invalid_image."})
+    on_bad_files: str = field(default="error", metadata={
+        "help": "A data file that cannot be read (e.g. a truncated parquet shard): error (stop, naming it) | warn "
+                "(skip it, logging its name) | skip (skip silently). Parquet data only."})
+    max_skip_rate: float = field(default=0.5, metadata={
+        "help": "Stop when more than this fraction of the examples read were skipped, once 200 were read (1 turns "
+                "the check off)."})
+    shuffle: bool = field(default=True, metadata={
+        "help": "Shuffle map-style data each epoch (false: rank r of W reads rows r, r+W, ...)."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data set instead of downloading it first."})
     strict: bool = field(default=False, metadata={"help": "Raise on the first bad sample instead of skipping it."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per packed row."})
@@ -299,6 +315,11 @@ def data_config(data_args: DataArguments, seed: int):
         max_images_per_batch=data_args.max_images,
         num_workers=data_args.num_workers,
         strict=data_args.strict,
+        allow_paths_outside_image_root=data_args.allow_paths_outside_image_root,
+        max_image_bytes=data_args.max_image_bytes,
+        on_bad_files=data_args.on_bad_files,
+        shuffle=data_args.shuffle,
+        max_skip_rate=data_args.max_skip_rate,
     )
 
 

@@ -35,6 +35,7 @@ class DataConfig:
     append_eos: bool = True
     scenes_size: int = 100_000
     seed: int = 0
+    max_skip_rate: float = 0.5  # the trainer stops when more examples than this were skipped (health.SkipRateGuard)
     shuffle: bool = True  # map-style sources: a new permutation each epoch; streams are read in order
     num_epochs: int | None = None  # None repeats forever
     rows_per_batch: int = 8
