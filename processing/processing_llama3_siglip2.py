@@ -108,16 +108,31 @@ _TEXT_ONLY_KWARGS = frozenset(TextKwargs.__annotations__) - {
 }
 
 
-class Llama3Siglip2ProcessorKwargs(ProcessingKwargs, total=False):
-    """transformers' processor kwargs, our image processor's, and two of ours.
+class _ModalityKwargs(ProcessingKwargs, total=False):
+    """What `_merge_kwargs` merges: transformers' per-modality kwargs, with our image processor's.
+
+    Only modality dicts: transformers 5.17 validates every key of this class as one; `_defaults` is what it reads.
+    """
+
+    _defaults = {}  # noqa: RUF012 (TypedDict)
+    images_kwargs: Llama3Siglip2ImagesKwargs
+
+
+class Llama3Siglip2ProcessorKwargs(_ModalityKwargs, total=False):
+    """The processor's call kwargs: transformers' (flat or in `text_kwargs` / `images_kwargs`) and three read here.
 
     split_special_tokens: encode special-token strings in the text as text (default True; see the module docstring).
     return_labels: also return `labels`, `input_ids` with image, boi, eoi and padding positions at -100.
+    return_mm_token_type_ids: also return `mm_token_type_ids`, 1 on image tokens.
     """
 
-    images_kwargs: Llama3Siglip2ImagesKwargs
     split_special_tokens: bool
     return_labels: bool
+    return_mm_token_type_ids: bool
+
+
+# Read by the processor itself, before transformers merges the rest (whose handling of flat keys varies by version).
+_OWN_KWARGS = ("split_special_tokens", "return_labels", "return_mm_token_type_ids", "return_text_replacement_offsets")
 
 
 _PROCESSOR_CALL_KWARGS = (
@@ -141,8 +156,8 @@ class Llama3Siglip2Processor(ProcessorMixin):
     ask whether to trust remote code.
     """
 
-    valid_processor_kwargs = Llama3Siglip2ProcessorKwargs
-    # Defaults of the processor-level kwargs (the lowest priority in `_merge_kwargs`).
+    valid_processor_kwargs = _ModalityKwargs
+    # Defaults of the kwargs the processor reads itself (`_OWN_KWARGS`).
     split_special_tokens = True
     return_labels = False
 
@@ -366,16 +381,22 @@ class Llama3Siglip2Processor(ProcessorMixin):
     def _call_settings(self, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """Merge call kwargs the transformers way; returns (text settings for `_encode_batch`, image kwargs, split)."""
         kwargs = dict(kwargs)
-        explicit_image_kwargs = dict(kwargs.get("images_kwargs") or {})
+        nested_text = dict(kwargs.pop("text_kwargs", None) or {})
+        own = {key: nested_text.pop(key) for key in _OWN_KWARGS if key in nested_text}
+        for key in _OWN_KWARGS:
+            if key in kwargs:
+                if key in own:
+                    raise ValueError(f"{key} given both as a keyword argument and in text_kwargs")
+                own[key] = kwargs.pop(key)
+        if own.get("return_text_replacement_offsets"):
+            raise ValueError("Llama3Siglip2Processor does not support return_text_replacement_offsets")
         flat_text = {key: kwargs.pop(key) for key in list(kwargs) if key in _TEXT_ONLY_KWARGS}
-        if flat_text:
-            nested = dict(kwargs.get("text_kwargs") or {})
-            if twice := sorted(set(nested) & set(flat_text)):
-                raise ValueError(f"{', '.join(twice)} given both as a keyword argument and in text_kwargs")
-            kwargs["text_kwargs"] = {**nested, **flat_text}
-        merged = self._merge_kwargs(
-            Llama3Siglip2ProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
-        )
+        if twice := sorted(set(nested_text) & set(flat_text)):
+            raise ValueError(f"{', '.join(twice)} given both as a keyword argument and in text_kwargs")
+        if nested_text or flat_text:
+            kwargs["text_kwargs"] = {**nested_text, **flat_text}
+        explicit_image_kwargs = dict(kwargs.get("images_kwargs") or {})
+        merged = self._merge_kwargs(_ModalityKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs = dict(merged["text_kwargs"])
         if unsupported := sorted(key for key in _UNSUPPORTED_TEXT_KWARGS if text_kwargs.get(key)):
             raise ValueError(f"Llama3Siglip2Processor does not support {', '.join(unsupported)}")
@@ -386,10 +407,8 @@ class Llama3Siglip2Processor(ProcessorMixin):
             if text_kwargs.get(key) is not None
         }
         settings.setdefault("return_tensors", merged["images_kwargs"].get("return_tensors"))
-        settings["return_labels"] = bool(merged.get("return_labels", self.return_labels))
-        settings["return_mm_token_type_ids"] = bool(
-            merged.get("return_mm_token_type_ids") or text_kwargs.get("return_mm_token_type_ids")
-        )
+        settings["return_labels"] = bool(own.get("return_labels", self.return_labels))
+        settings["return_mm_token_type_ids"] = bool(own.get("return_mm_token_type_ids"))
         # Only what the image processor takes; its `padding` only from `images_kwargs` (see _TEXT_ONLY_KWARGS).
         images_kwargs = {
             key: value for key, value in merged["images_kwargs"].items()
@@ -397,8 +416,7 @@ class Llama3Siglip2Processor(ProcessorMixin):
         }
         if "padding" in explicit_image_kwargs:
             images_kwargs["padding"] = explicit_image_kwargs["padding"]
-        split = merged.get("split_special_tokens", self.split_special_tokens)
-        return settings, images_kwargs, bool(split)
+        return settings, images_kwargs, bool(own.get("split_special_tokens", self.split_special_tokens))
 
     def _resolve_template(self, chat_template: str | None) -> str:
         """`chat_template` (a template, or the name of one of the processor's), else the processor's ("default"
