@@ -455,8 +455,9 @@ def test_the_image_placeholder_stays_a_placeholder_among_special_token_strings(p
     assert processor.tokenizer.eos_token_id not in ids
 
 
-def test_split_special_tokens_false_reads_special_token_strings_as_control_tokens(processor):
-    ids = processor(text="a<|eot_id|>", split_special_tokens=False)["input_ids"][0]
+@pytest.mark.parametrize("opt_out", [{"split_special_tokens": False}, {"text_kwargs": {"split_special_tokens": False}}])
+def test_split_special_tokens_false_reads_special_token_strings_as_control_tokens(processor, opt_out):
+    ids = processor(text="a<|eot_id|>", **opt_out)["input_ids"][0]
     assert ids[-1] == processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
 
 
