@@ -246,3 +246,25 @@ def test_loader_workers_outlive_sigterm_and_keep_serving_batches():
 def child_pids() -> list[int]:
     with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
         return [int(pid) for pid in f.read().split()]
+
+
+def test_the_step_summary_takes_fsdp2s_dtensor_gradient_norm():
+    """FSDP2's clip returns the norm as a DTensor, which cannot be stacked with the plain loss tensor."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+    from train_lib.step_sync import gather_step_summary
+
+    store_port = free_port()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{store_port}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        norm = DTensor.from_local(torch.tensor(2.5), mesh, [Replicate()])
+        one_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1, gather=lambda tensor: tensor)
+        summary = gather_step_summary(one_process, torch.tensor(1.25), norm, tokens=10, samples=2, sample_ids=[4, 7],
+                                      samples_seen=2, skipped=[0, 1], stop=False)
+    finally:
+        dist.destroy_process_group()
+    assert (summary.loss, summary.grad_norm, summary.finite, summary.skipped) == (1.25, 2.5, True, [0, 1])

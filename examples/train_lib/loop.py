@@ -38,7 +38,7 @@ from processing.data.health import SkipRateGuard
 from .checkpoints import save_checkpoint
 from .metrics import StepClock, StepLog
 from .preemption import StopRequested, keep_workers_through_sigterm
-from .step_sync import gather_step_summary
+from .step_sync import gather_step_summary, host_to_device
 
 HOST_SYNCS_PER_STEP = 1
 IGNORE_INDEX = -100
@@ -156,14 +156,16 @@ class Trainer:
 
     def global_target_count(self, micro_batches) -> torch.Tensor:
         """Targets of the whole global batch, left on the device: every rank's loss is divided by it."""
-        local = torch.tensor(count_targets(micro_batches), device=self.accelerator.device)
+        local = host_to_device([count_targets(micro_batches)], torch.int64, self.accelerator.device)[0]
         return self.accelerator.reduce(local, "sum")
 
     def forward_backward_step(self, batch, targets: torch.Tensor) -> torch.Tensor:
         """One micro-batch's loss (this rank's targets over the global target count), backpropagated."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
-            loss = self.model(**batch.to(accelerator.device), num_items_in_batch=targets).loss
+            # non_blocking: a blocking copy would wait for the GPU to finish the previous micro-batch (a host sync).
+            batch = batch.to(accelerator.device, non_blocking=True)
+            loss = self.model(**batch, num_items_in_batch=targets).loss
             if self.state["step"] + 1 in self.nan_steps:
                 loss = loss * float("nan")
             if self.deepspeed and not bool(accelerator.reduce(torch.isfinite(loss).float(), "min")):
@@ -179,10 +181,10 @@ class Trainer:
         return self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
 
     def train_step(self, micro_batches, sample_ids):
+        tokens, samples = batch_counts(micro_batches, self.pad_token_id)  # on the host, before the batches move
         targets = self.global_target_count(micro_batches)
         loss = torch.stack([self.forward_backward_step(batch, targets) for batch in micro_batches]).sum()
         grad_norm = self.clip_gradients()
-        tokens, samples = batch_counts(micro_batches, self.pad_token_id)
         summary = gather_step_summary(
             self.accelerator, loss, grad_norm, tokens=tokens, samples=samples, sample_ids=sample_ids,
             samples_seen=self.pipeline.samples_seen, skipped=skip_vector(self.pipeline.skipped),

@@ -30,6 +30,19 @@ def sample_ids_digest(sample_ids: list) -> bytes:
     return hashlib.sha1(json.dumps(sample_ids, separators=(",", ":")).encode()).digest()
 
 
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers as a device tensor without a host sync: a blocking copy to a GPU first waits for its queue."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """FSDP2's gradient norm is a DTensor; the step summary needs the plain value it stands for."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 @dataclass
 class StepSummary:
     """One step, summed over the ranks."""
@@ -55,11 +68,15 @@ def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: i
                         samples_seen: int, skipped: list[int], stop: bool) -> StepSummary:
     """All-gather every rank's figures for the step (one collective, one host sync) and sum them."""
     device = accelerator.device
-    norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, device=device)
-    on_device = torch.stack([loss.detach().to(device, torch.float64), norm.detach().to(torch.float64)])
     words = struct.unpack(f">{DIGEST_WORDS}I", sample_ids_digest(sample_ids))
     host = [tokens, samples, len(sample_ids), samples_seen, float(stop), *skipped, *words]
-    vector = torch.cat([on_device, torch.tensor(host, dtype=torch.float64).to(device)])
+    on_device = [loss]
+    if torch.is_tensor(grad_norm):
+        on_device.append(whole(grad_norm))
+    else:  # None where DeepSpeed clips inside its own step
+        host.insert(0, math.nan if grad_norm is None else float(grad_norm))
+    on_device = [value.detach().to(torch.float64).reshape(1) for value in on_device]
+    vector = torch.cat([*on_device, host_to_device(host, torch.float64, device)])
     rows = accelerator.gather(vector).cpu().view(accelerator.num_processes, -1)  # the host sync
     losses, norms = rows[:, 0], rows[:, 1]
     columns = {name: rows[:, 2 + i] for i, name in enumerate(HOST_FIELDS)}
