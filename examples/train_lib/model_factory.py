@@ -21,6 +21,7 @@ from modeling_llama3_siglip2 import (
     build_byte_level_bpe_tokenizer,
     from_pretrained_components,
 )
+from modeling_llama3_siglip2.builder import chat_eos_token_ids, default_generation_config
 from processing.scenes import COLOUR_NAMES, scene_caption
 
 from .arguments import SCRATCH_MAX_PATCHES
@@ -45,6 +46,9 @@ def build_model_and_processor(model_args):
             model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
         )
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        # A checkpoint saved with one eos (older runs, base models) would never stop after a chat turn.
+        model.generation_config.eos_token_id = chat_eos_token_ids(processor.tokenizer,
+                                                                  model.generation_config.eos_token_id)
         apply_patch_budget(model, processor, model_args)
         return model, processor
     if model_args.text_model or model_args.vision_model:
@@ -121,8 +125,7 @@ def build_scratch_model(model_args, tokenizer_corpus):
     model = Llama3Siglip2ForConditionalGeneration(config)
     init_position_grid_sincos(model.model.vision_tower.embeddings.position_embedding.weight)
     model = model.to(getattr(torch, model_args.dtype))
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = processor.pad_token_id
+    model.generation_config = default_generation_config(processor.tokenizer, pad_token_id=processor.pad_token_id)
     return model, processor
 
 
