@@ -34,7 +34,7 @@ from train_lib.resume import resume_from
 from transformers import get_scheduler
 
 from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention
-from processing.data import build_train_dataloader
+from processing.data import SkipRateGuard, build_train_dataloader
 
 # Left out of the summary printed at the end (report.json keeps them): one line per step or per sample.
 LONG_REPORT_KEYS = ("loss_curve", "eval_examples", "eval_generations")
@@ -58,6 +58,7 @@ def main(argv=None):
 
     trainer = Trainer(accelerator, model, optimizer, scheduler, pipeline, processor, state, train_args, options,
                       counts.flops_per_token, peak_flops(accelerator.device),
+                      guard=SkipRateGuard(max_skip_rate=data_args.max_skip_rate),
                       evaluate=lambda step: evaluator.maybe_evaluate(step, model, accelerator))
     start = time.time()
     if not trainer.train():  # stopped by SIGTERM, after a checkpoint

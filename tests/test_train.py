@@ -324,3 +324,13 @@ def test_the_trainer_counts_flops_before_prepare_partitions_the_model(monkeypatc
     assert counts.flops_per_token == expected
     # The peak is one device's, times the processes.
     assert model_flops_utilization(2e3, expected, 1e12, 4) == pytest.approx(2e3 * expected / 4e12)
+
+
+def test_a_run_on_mostly_bad_data_stops_and_names_the_reason(tmp_path):
+    """Rows of 24 tokens: about three scenes in four do not fit. The skip-rate guard, judged on every rank's counts
+    after each step, stops the run once enough examples were read, instead of training on the few that fit."""
+    from processing.data import DataQualityError
+
+    with pytest.raises(DataQualityError, match=r"Most were too_long.*--seq_len"):
+        run_in_process("--output_dir", tmp_path, "--max_steps", 1000, "--seq_len", 24, "--eval_samples", 0)
+    assert 0 < len(read_steps(tmp_path)) < 1000

@@ -125,7 +125,8 @@ class Trainer:
     """Runs the optimisation from `state` (a fresh run's or a checkpoint's) on prepared objects."""
 
     def __init__(self, accelerator, model, optimizer, scheduler, pipeline, processor, state: dict, train_args,
-                 options: LoopOptions, flops_per_token: float, peak_flops_per_device: float | None, evaluate=None):
+                 options: LoopOptions, flops_per_token: float, peak_flops_per_device: float | None,
+                 guard: SkipRateGuard | None = None, evaluate=None):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.pipeline, self.state, self.args, self.options = pipeline, state, train_args, options
         self.pad_token_id = processor.pad_token_id
@@ -136,7 +137,7 @@ class Trainer:
         self.nan_steps = {int(s) for s in train_args.inject_nan_steps.split(",") if s.strip()}
         self.checkpointer = Checkpointer(accelerator, train_args, pipeline, model, processor)
         self.stop = StopRequested()
-        self.guard = SkipRateGuard()
+        self.guard = guard or SkipRateGuard()  # judged on every rank's counts: all ranks raise at the same step
         self.clock = StepClock(flops_per_token, peak_flops_per_device, accelerator.num_processes)
         self.step_log = StepLog(train_args.output_dir, state["step"], enabled=accelerator.is_main_process)
         self.consecutive_bad = 0
