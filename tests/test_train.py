@@ -334,3 +334,18 @@ def test_a_run_on_mostly_bad_data_stops_and_names_the_reason(tmp_path):
     with pytest.raises(DataQualityError, match=r"Most were too_long.*--seq_len"):
         run_in_process("--output_dir", tmp_path, "--max_steps", 1000, "--seq_len", 24, "--eval_samples", 0)
     assert 0 < len(read_steps(tmp_path)) < 1000
+
+
+def test_skips_show_in_the_progress_bar_and_the_trackers(tmp_path, capsys):
+    """Rows of 32 tokens: about a third of the scenes are too long, under the guard's limit; the run goes on and
+    shows the count as it trains."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = run_in_process("--output_dir", tmp_path, "--max_steps", 6, "--seq_len", 32, "--eval_samples", 0,
+                            "--report_to", "tensorboard", "--log_every", 1)
+    skipped = report["skipped"]["too_long"]
+    assert skipped > 0 and f"skipped={skipped}" in capsys.readouterr().err
+    events_file = next((tmp_path / "logs").rglob("events.out.tfevents*"))
+    scalars = EventAccumulator(str(events_file)).Reload()
+    assert scalars.Scalars("skipped/too_long")[-1].value == skipped
+    assert scalars.Scalars("skipped_examples")[-1].value == skipped

@@ -1,7 +1,7 @@
 """The training loop: `Trainer.train()` runs `train_step` until `max_steps` or a stop request.
 
 A step, on every rank:
-    1. `max(1, accumulation)` micro-batches from the loader, with their sample ids;
+    1. `gradient_accumulation_steps` micro-batches from the loader, with their sample ids;
     2. one all-reduce of the target count (every rank's loss is a sum over the global batch's targets);
     3. `forward_backward_step` for each micro-batch; the gradient clip;
     4. one all-gather of the step's summary (`step_sync`): the loss, the gradient norm, the counts, the stop flag;
@@ -14,15 +14,15 @@ backward (one reduce and one host sync each): a NaN that reached DeepSpeed's ste
 
 Non-finite steps. Elsewhere the check comes after the backward: a NaN loss yields NaN gradients (DDP spreads them to
 every rank), the summary shows it on every rank, and the step is skipped everywhere: no optimizer or scheduler step,
-gradients zeroed (set to None), so the NaN never reaches the weights or Adam's moments.
+gradients zeroed (set to None), so the NaN never reaches the weights or Adam's moments. (Under fp16, gradients that
+overflowed with a finite loss go to GradScaler's step, which skips the update itself and lowers its scale.)
 
-Around the steps: `StepClock` (steady-state speed), `StepLog` (steps.jsonl), `Checkpointer`, the data engineer's
+Around the steps: `StepClock` (steady-state speed), `StepLog` (steps.jsonl), `Checkpointer`, `processing.data`'s
 `SkipRateGuard`, the progress bar (one per node) and the trackers (the main process).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections import Counter
@@ -193,6 +193,10 @@ class Trainer:
         if summary.finite:
             self.optimizer.step()
             self.scheduler.step()
+        elif summary.loss_finite and self.accelerator.scaler is not None:
+            # fp16: the gradients overflowed. GradScaler's step sees it, skips the update and lowers its scale;
+            # without it the scale would stay too high and every later step overflow too.
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return summary
 
@@ -252,8 +256,8 @@ class Trainer:
         postfix["skipped"] = sum(self.skipped_examples.values())
         if state["skipped_steps"]:
             postfix["bad_steps"] = state["skipped_steps"]
-        progress.update(1)
         progress.set_postfix(postfix, refresh=False)
+        progress.update(1)
         if self.args.report_to != "none" and state["step"] % self.args.log_every == 0:
             logs = {"loss": summary.loss, "lr": lr, **self.clock.last_step(),
                     "skipped_examples": sum(self.skipped_examples.values()), "skipped_steps": state["skipped_steps"],

@@ -100,10 +100,9 @@ class StepClock:
         return model_flops_utilization(tokens_per_second, self.flops_per_token, self.peak, self.num_processes)
 
     def last_step(self) -> dict:
-        """This step's own figures, for the trackers: warm-up steps included, marked as such."""
+        """This step's own figures, for the trackers (warm-up steps too: a tracker shows them over time)."""
         rate = self.tokens[-1] / self.seconds[-1]
-        return {"tokens_per_s": rate, "mfu": self.mfu(rate), "step_seconds": self.seconds[-1],
-                "warmup": len(self.seconds) <= self.warmup_steps}
+        return {"tokens_per_s": rate, "mfu": self.mfu(rate), "step_seconds": self.seconds[-1]}
 
     def recent_steady_rate(self) -> float | None:
         """Median tokens/s over the recent steady steps (the progress bar's figure); None during the warm-up."""

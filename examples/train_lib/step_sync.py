@@ -50,6 +50,7 @@ class StepSummary:
     loss: float  # the global mean loss per target token (NaN if any rank's was not finite)
     grad_norm: float | None  # None where the backend clips inside its own step (DeepSpeed)
     finite: bool  # every rank's loss and the gradient norm are finite: the optimizer step may run
+    loss_finite: bool  # every rank's loss is finite (the gradients may still have overflowed, in fp16)
     tokens: int  # real (non-pad) tokens
     samples: int
     sample_ids: int
@@ -84,11 +85,13 @@ def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: i
     skipped_by_rank = rows[:, skip_start : skip_start + len(skipped)]
     rank_digests = rows[:, skip_start + len(skipped) :].to(torch.int64).tolist()
     digest = hashlib.sha1(b"".join(struct.pack(f">{DIGEST_WORDS}I", *words) for words in rank_digests)).hexdigest()
-    finite = bool(torch.isfinite(losses).all()) and (grad_norm is None or bool(torch.isfinite(norms).all()))
+    loss_finite = bool(torch.isfinite(losses).all())
+    finite = loss_finite and (grad_norm is None or bool(torch.isfinite(norms).all()))
     return StepSummary(
         loss=float(losses.sum()),
         grad_norm=None if grad_norm is None else float(norms.max()),  # equal on all ranks: synchronised gradients
         finite=finite,
+        loss_finite=loss_finite,
         tokens=int(columns["tokens"].sum()),
         samples=int(columns["samples"].sum()),
         sample_ids=int(columns["sample_ids"].sum()),
