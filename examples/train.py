@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from train_lib.arguments import data_config, parse_arguments
 from train_lib.checkpoints import resolve_resume
 from train_lib.evaluation import Evaluator, caption_exact_match, final_reload_difference
@@ -178,6 +178,7 @@ def training_figures(trainer, wall: float, resumed) -> dict:
         "tokens_per_second_wall": sum(trainer.clock.tokens) / wall if steps_run else 0.0,
         **trainer.clock.summary(),
         "host_syncs_per_step": host_syncs_per_step(trainer.accelerator),
+        "peak_memory_gib": peak_memory_gib(trainer.accelerator),
         "resumed_from": resumed,
         "train_loss_first": finite[0] if finite else None,
         "train_loss_last": finite[-1] if finite else None,
@@ -185,6 +186,13 @@ def training_figures(trainer, wall: float, resumed) -> dict:
         "skipped_steps": state["skipped_steps"],
         "skipped": trainer.skipped_by_reason(),
     }
+
+
+def peak_memory_gib(accelerator) -> float | None:
+    """The most GPU memory any rank had allocated at once (a collective: all ranks); None on CPU."""
+    if accelerator.device.type != "cuda":
+        return None
+    return max(gather_object([torch.cuda.max_memory_allocated(accelerator.device) / 2**30]))
 
 
 def finish(accelerator, trainer, evaluator, report, model, processor, model_args, data_args, train_args) -> dict:

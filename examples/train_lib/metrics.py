@@ -114,7 +114,7 @@ class StepClock:
         """report.json's speed figures: the steady state's spread, the warm-up's cost, the graphs compiled."""
         warmup = self.warmup_steps
         rates = self.tokens_per_second(warmup)
-        steady_rate = spread(rates)
+        steady_rate, step_seconds = spread(rates), spread(self.seconds[warmup:])
         mfu = None
         if steady_rate is not None and self.mfu(1.0) is not None:
             mfu = {key: self.mfu(value) for key, value in steady_rate.items()}
@@ -124,10 +124,10 @@ class StepClock:
             "steady_state": {
                 "warmup_steps": min(warmup, len(self.seconds)),
                 "steps": len(rates),
-                "step_seconds": spread(self.seconds[warmup:]),
                 "tokens_per_second": steady_rate,
                 "mfu": mfu,
             },
+            **{f"step_seconds_{key}": value for key, value in (step_seconds or {}).items()},
             "compile_seconds": (self.starts[warmup] - self.loop_start) if len(self.starts) > warmup else None,
             "graph_count": graph_count(),
         }
