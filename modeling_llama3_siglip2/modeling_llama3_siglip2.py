@@ -13,7 +13,6 @@ Shape letters:
 Hub-travelling: imports only torch and transformers, and its sibling config relatively.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from .compat import CACHE_NAME, accepts_either_cache_name, cache_kwarg, output_cache
 from .configuration_llama3_siglip2 import Llama3Siglip2Config
 from .efficient_ops import chunked_causal_lm_loss, use_grouped_position_embeddings
+from .saved_folder import SavedFolderMixin
 
 
 # Both extend transformers' own output classes, so the cache field has the name this transformers gives it
@@ -103,7 +103,7 @@ def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, 
     return flat.reshape(total_tokens, k * k)
 
 
-class Llama3Siglip2PreTrainedModel(PreTrainedModel):
+class Llama3Siglip2PreTrainedModel(SavedFolderMixin, PreTrainedModel):
     config_class = Llama3Siglip2Config
     config: Llama3Siglip2Config
     base_model_prefix = "model"
@@ -138,80 +138,8 @@ class Llama3Siglip2PreTrainedModel(PreTrainedModel):
         with guard_torch_init_functions():
             initialize(self, self._initialize_weights)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus every Auto entry in `auto_map` and a short model card.
-
-        transformers records only the saved class's own Auto class; `AutoModel.from_pretrained(folder,
-        trust_remote_code=True)` needs the others too. A card already in the folder is kept.
-        """
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        os.makedirs(save_directory, exist_ok=True)
-        card = os.path.join(save_directory, "README.md")
-        if kwargs.get("is_main_process", True) and not os.path.exists(card):
-            with open(card, "w") as f:
-                f.write(MODEL_CARD)
-        if os.path.exists(card):
-            with open(card) as f:
-                self._folder_model_card = (os.path.realpath(save_directory), f.read())
-        super().save_pretrained(save_directory, *args, **kwargs)
-
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        """Upload as transformers does, with the folder's model card rather than transformers' empty one.
-
-        `push_to_hub` (and `save_pretrained(push_to_hub=True)`) write transformers' card over README.md just before
-        this upload: the repository's own card, or for a new repository an empty template. The template gives way
-        to the folder's card (with the template's tags added); a repository's card gives way only to a card that
-        someone wrote into the folder, not to the default one `save_pretrained` writes.
-        """
-        from transformers.utils.hub import ModelCard
-
-        card_path = os.path.join(working_dir, "README.md")
-        folder, folder_card = getattr(self, "_folder_model_card", (None, None))
-        if folder == os.path.realpath(working_dir) and os.path.exists(card_path):
-            with open(card_path) as f:
-                transformers_card = ModelCard(f.read())
-            is_template = TRANSFORMERS_TEMPLATE_MARK in transformers_card.text
-            if is_template or folder_card != MODEL_CARD:
-                card = ModelCard(folder_card)
-                tags = list(card.data.tags or [])
-                card.data.tags = tags + [t for t in (transformers_card.data.tags or []) if t not in tags]
-                with open(card_path, "w") as f:
-                    f.write(str(card))
-        return super()._upload_modified_files(working_dir, *args, **kwargs)
-
 
 IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
-
-# A sentence of the card transformers makes for a repository that has none (`create_and_tag_model_card`).
-TRANSFORMERS_TEMPLATE_MARK = "This model card has been automatically generated."
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_llama3_siglip2.Llama3Siglip2Config",
-    "AutoModel": "modeling_llama3_siglip2.Llama3Siglip2Model",
-    "AutoModelForImageTextToText": "modeling_llama3_siglip2.Llama3Siglip2ForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_llama3_siglip2.Llama3Siglip2ForConditionalGeneration",
-}
-
-MODEL_CARD = """---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags: [llama3-siglip2, vision-language]
----
-# Llama3-SigLIP2
-
-A vision-language model: a Llama 3 decoder, a SigLIP2 NaFlex vision encoder (native resolution and aspect ratio)
-and an MLP projector, built with the `llama3-siglip2` package. The model code travels with the weights:
-
-```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
-inputs = processor(text="<|image|>Describe the image.", images=[image], return_tensors="pt")
-print(processor.batch_decode(model.generate(**inputs, max_new_tokens=32), skip_special_tokens=True))
-```
-"""
-
 
 class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
     def __init__(self, config: Llama3Siglip2Config):

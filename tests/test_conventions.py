@@ -27,7 +27,7 @@ from transformers.utils import TransformersKwargs
 
 from modeling_llama3_siglip2 import Llama3Siglip2Config, Llama3Siglip2ForConditionalGeneration, Llama3Siglip2Model
 from modeling_llama3_siglip2.compat import CACHE_NAME, OLD_CACHE_NAME
-from modeling_llama3_siglip2.modeling_llama3_siglip2 import MODEL_CARD
+from modeling_llama3_siglip2.saved_folder import MODEL_CARD
 
 from .test_modeling import naflex_batch, sequence_with_images, text_ids
 
