@@ -228,6 +228,23 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0_then
     assert [r["step"] for r in read_steps(output_dir)] == list(range(1, saved + 3))
 
 
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    """torchrun passes the scheduler's SIGTERM on to each rank's process group (the rank and its 2 loader workers),
+    not at the same instant; the ranks agree in the step's summary, save one checkpoint together and stop."""
+    output_dir = tmp_path / "run"
+    job = start("--output_dir", output_dir, "--max_steps", 100000, "--num_workers", 2, processes=2)
+    wait_for(lambda: any(rate in output(job)[1] for rate in ("s/it", "it/s")), job, "a training step")
+    os.killpg(job.pid, signal.SIGTERM)  # torchrun's group; the ranks are in sessions of their own
+    job.wait(timeout=TIMEOUT)  # torchrun itself reports the signal (SignalException): its exit code is not ours
+    out, err = output(job)
+    assert out.count("SIGTERM: saved step") == 1, err[-3000:]
+    assert not any(failure in err for failure in ("RuntimeError", "killed by signal", "exited unexpectedly")), err
+    checkpoints = complete_checkpoints(str(output_dir))
+    assert len(checkpoints) == 1
+    saved = int(Path(checkpoints[0]).name.removeprefix("step-"))
+    assert read_steps(output_dir)[-1]["step"] == saved
+
+
 def test_deepspeed_checkpoint_on_another_world_size_names_the_universal_checkpoint_tool():
     from types import SimpleNamespace
 

@@ -37,7 +37,7 @@ from processing.data.health import SkipRateGuard
 
 from .checkpoints import save_checkpoint
 from .metrics import StepClock, StepLog
-from .preemption import StopRequested, keep_workers_through_sigterm
+from .preemption import StopRequested, batches_through_sigterm
 from .step_sync import gather_step_summary, host_to_device
 
 HOST_SYNCS_PER_STEP = 1
@@ -143,8 +143,7 @@ class Trainer:
         self.consecutive_bad = 0
         self.skipped_examples: dict[str, int] = {}
         self.eval_loss = None  # the latest periodic evaluation's, for the progress bar
-        keep_workers_through_sigterm(pipeline)
-        self.batches = iter(pipeline)
+        self.batches = batches_through_sigterm(pipeline)
 
     # -- one step --------------------------------------------------------------------------------------------------
 

@@ -6,14 +6,17 @@ into the step's one collective, so that every rank stops after the same step, th
 
 The workers must outlive the signal: torch installs a handler in each worker that dies on a SIGTERM not sent by
 its parent, and the trainer's next batch would then fail ("DataLoader worker (pid N) is killed by signal:
-Terminated") before any checkpoint. `keep_workers_through_sigterm` makes them ignore it; they still end when the
-main process shuts the loader down, and on their own if it dies (torch's worker watchdog).
+Terminated") before any checkpoint. `batches_through_sigterm` makes them ignore it (a `worker_init_fn`), and holds
+SIGTERM back while they start, so that one arriving between a worker's fork and its init is discarded there (and
+delivered to the training process once they run). They still end when the main process shuts the loader down, and
+on their own if it dies (torch's worker watchdog).
 """
 
 from __future__ import annotations
 
 import functools
 import signal
+from contextlib import contextmanager
 
 
 class StopRequested:
@@ -28,8 +31,10 @@ class StopRequested:
 
 
 def _ignore_sigterm(worker_init_fn, worker_id: int) -> None:
-    # Runs after torch's own worker signal set-up, so this disposition is the one that stays.
+    # Runs after torch's own worker signal set-up, so this disposition is the one that stays; ignoring a signal
+    # discards it if it is pending (it arrived while blocked, see `batches_through_sigterm`).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
 
@@ -42,3 +47,24 @@ def keep_workers_through_sigterm(loader) -> None:
     torch_loader = getattr(loader, "loader", loader)
     if getattr(torch_loader, "num_workers", 0):  # tests/test_train_distributed.py checks PackedDataLoader's
         torch_loader.worker_init_fn = functools.partial(_ignore_sigterm, torch_loader.worker_init_fn)
+
+
+@contextmanager
+def sigterm_held_back():
+    """SIGTERM stays pending in this thread (and in the processes it forks) until the block ends, then arrives."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def batches_through_sigterm(loader):
+    """`iter(loader)`, with workers that ignore SIGTERM; they start at the first batch, fetched with SIGTERM held
+    back (a worker inherits the block until its init ignores the signal)."""
+    keep_workers_through_sigterm(loader)
+    batches = iter(loader)
+    with sigterm_held_back():
+        first = next(batches)
+    yield first
+    yield from batches
