@@ -116,14 +116,16 @@ image_shape = st.tuples(st.integers(1, 40), st.integers(2, 40)).filter(lambda hw
 
 @settings(max_examples=25, deadline=None)
 @given(
-    grid=st.sampled_from([(16, 16), (8, 8), (5, 7)]),
+    # Square grids only: the config requires one (SigLIP2's num_patches is a square), and transformers 5.24's own
+    # resize, the reference here, assumes it.
+    grid=st.sampled_from([(16, 16), (8, 8), (5, 5)]),
     shapes=st.lists(image_shape, min_size=1, max_size=6),
     repeats=st.integers(1, 3),
     padding=st.integers(0, 20),
     seed=st.integers(0, 2**16),
 )
 def test_grouped_resize_matches_transformers_resize_and_its_gradient(grid, shapes, repeats, padding, seed):
-    """Repeated shapes, padding positions past h·w, square and non-square grids: the same values and gradients."""
+    """Repeated shapes, padding positions past h·w, grids of several sizes: the same values and gradients."""
     generator = torch.Generator().manual_seed(seed)
     H, W = grid
     grid_HWD = torch.randn(H, W, 24, generator=generator, requires_grad=True)
