@@ -23,7 +23,7 @@ from datasets import Dataset, Features, Image, List, Value
 
 from processing.scenes import ScenesSource
 
-FILLER = "the quick brown fox jumps over the lazy dog while a red box and a blue box sit side by side".split()
+FILLER = tuple("the quick brown fox jumps over the lazy dog while a red box and a blue box sit side by side".split(" "))
 
 
 def png_bytes(image) -> bytes:

@@ -14,6 +14,7 @@ speed        steady-state tokens/s per GPU, scaling efficiency against 1 GPU, MF
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def step_ids(step: dict) -> list[list[int]]:
 
 
 def loss_fell(losses: list[float]) -> bool | None:
-    finite = [x for x in losses if x == x]
+    finite = [x for x in losses if math.isfinite(x)]
     if len(finite) < 10:
         return None
     return statistics.mean(finite[-5:]) < statistics.mean(finite[:5])
@@ -80,7 +81,8 @@ def loss_fell(losses: list[float]) -> bool | None:
 def correctness(runs: Path, logs: Path) -> list[dict]:
     counts = image_counts()
     rows = []
-    for run in sorted(p for p in runs.iterdir() if p.is_dir() and p.name.endswith(("_x2", "_x3", "_x4"))):
+    for run in sorted(p for p in runs.iterdir()
+                      if p.is_dir() and p.name.endswith(("_x2", "_x3", "_x4")) and "_to_" not in p.name):
         report = read_json(run / "report.json") or {}
         steps = read_steps(run)
         row = {
