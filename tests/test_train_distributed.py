@@ -256,12 +256,12 @@ def test_deepspeed_checkpoint_on_another_world_size_names_the_universal_checkpoi
     check_reshardable(accelerator, "out/checkpoints/step-10", saved=4)  # same world size: fine
 
 
-def test_loader_workers_outlive_sigterm_and_keep_serving_batches():
-    """What the process-group test relies on, without its timing: workers that received SIGTERM still deliver
-    batches beyond those prefetched before it (torch's own worker handler would have killed them)."""
+def test_loader_workers_leave_the_job_process_group_and_keep_serving_batches():
+    """What the process-group tests rely on, without their timing: the workers run in process groups of their own,
+    so a scheduler's `kill -TERM -PGID` cannot reach them, and they go on delivering batches."""
     from train_lib.arguments import data_config, parse_arguments
     from train_lib.model_factory import build_model_and_processor
-    from train_lib.preemption import keep_workers_through_sigterm
+    from train_lib.preemption import batches_through_sigterm
 
     from processing.data import build_train_dataloader
     from tests.test_train import TINY
@@ -269,18 +269,28 @@ def test_loader_workers_outlive_sigterm_and_keep_serving_batches():
     model_args, data_args, train_args = parse_arguments([*TINY, "--num_workers", "2"])
     _, processor = build_model_and_processor(model_args)
     loader = build_train_dataloader(data_config(data_args, train_args.seed), processor, data_args.seq_len)
-    keep_workers_through_sigterm(loader)
     before = set(child_pids())
-    batches = iter(loader)
+    batches = batches_through_sigterm(loader)
     next(batches)
     workers = set(child_pids()) - before
     assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, signal.SIGTERM)
-    time.sleep(0.5)
+    assert all(os.getpgid(pid) == pid != os.getpgid(0) for pid in workers)
     for _ in range(12):  # more than the 2 workers x prefetch 2 already queued
         next(batches)
-    assert set(child_pids()) >= workers
+    batches.close()
+
+
+def test_a_run_with_loader_workers_that_fails_still_exits(tmp_path):
+    """Workers that ignored SIGTERM would hang the process at exit after an error (multiprocessing's exit handler
+    terminates daemonic children and waits): the data check failing here must end the job."""
+    job = start("--output_dir", tmp_path / "run", "--max_steps", 1000, "--seq_len", 24, "--num_workers", 2,
+                processes=1)
+    try:
+        job.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_tree(job.pid, signal.SIGKILL)
+        raise
+    assert job.returncode == 1 and "DataQualityError" in output(job)[1]
 
 
 def child_pids() -> list[int]:

@@ -1,20 +1,24 @@
 """Stopping on a scheduler's SIGTERM: finish the step, save a checkpoint, exit 0.
 
-A cluster scheduler pre-empts a job with `kill -TERM -PGID`: the signal reaches every process of the group, the
-data loader's workers included. The training process only notes the request (`StopRequested`); the loop folds it
-into the step's one collective, so that every rank stops after the same step, then saves and returns.
+A cluster scheduler pre-empts a job with `kill -TERM -PGID` (torchrun passes it on to each rank's own process
+group): the signal reaches every process of the group. The training process only notes the request
+(`StopRequested`); the loop folds it into the step's one collective, so that every rank stops after the same step,
+then saves and returns.
 
-The workers must outlive the signal: torch installs a handler in each worker that dies on a SIGTERM not sent by
-its parent, and the trainer's next batch would then fail ("DataLoader worker (pid N) is killed by signal:
-Terminated") before any checkpoint. `batches_through_sigterm` makes them ignore it (a `worker_init_fn`), and holds
-SIGTERM back while they start, so that one arriving between a worker's fork and its init is discarded there (and
-delivered to the training process once they run). They still end when the main process shuts the loader down, and
-on their own if it dies (torch's worker watchdog).
+The data loader's workers must not receive it: torch installs a handler in each worker that dies on a SIGTERM not
+sent by its parent, and the trainer's next batch would then fail ("DataLoader worker (pid N) is killed by signal:
+Terminated") before any checkpoint. `batches_through_sigterm` moves each worker into a process group of its own
+(a `worker_init_fn`), holding SIGTERM back while they start so that one sent to the group between a worker's fork and
+its move is dropped there. Signals from the training process still reach them as before (torch's handler, the
+parent's `terminate()` at shutdown), and a worker whose parent died still ends on its own (torch's watchdog).
+Ignoring SIGTERM in the workers instead would hang the process at exit after an error: multiprocessing's exit
+handler terminates daemonic children and waits for them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 from contextlib import contextmanager
 
@@ -30,23 +34,24 @@ class StopRequested:
         self.requested = True
 
 
-def _ignore_sigterm(worker_init_fn, worker_id: int) -> None:
-    # Runs after torch's own worker signal set-up, so this disposition is the one that stays; ignoring a signal
-    # discards it if it is pending (it arrived while blocked, see `batches_through_sigterm`).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _leave_the_job_group(worker_init_fn, worker_id: int) -> None:
+    os.setpgrp()
+    # A SIGTERM sent to the job's group while this worker started is pending (held back, see `sigterm_held_back`):
+    # take it without acting on it, then let later ones (from the training process) through to torch's handler.
+    signal.sigtimedwait([signal.SIGTERM], 0)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if worker_init_fn is not None:
         worker_init_fn(worker_id)
 
 
-def keep_workers_through_sigterm(loader) -> None:
-    """Make the loader's worker processes ignore SIGTERM (see the module docstring); call before iterating.
+def workers_in_their_own_process_group(loader) -> None:
+    """Start the loader's worker processes in process groups of their own (see the module docstring).
 
     `loader` is a `processing.data.PackedDataLoader` (its torch loader is `.loader`) or a torch DataLoader.
     """
     torch_loader = getattr(loader, "loader", loader)
     if getattr(torch_loader, "num_workers", 0):  # tests/test_train_distributed.py checks PackedDataLoader's
-        torch_loader.worker_init_fn = functools.partial(_ignore_sigterm, torch_loader.worker_init_fn)
+        torch_loader.worker_init_fn = functools.partial(_leave_the_job_group, torch_loader.worker_init_fn)
 
 
 @contextmanager
@@ -60,9 +65,9 @@ def sigterm_held_back():
 
 
 def batches_through_sigterm(loader):
-    """`iter(loader)`, with workers that ignore SIGTERM; they start at the first batch, fetched with SIGTERM held
-    back (a worker inherits the block until its init ignores the signal)."""
-    keep_workers_through_sigterm(loader)
+    """`iter(loader)`, with workers out of the job's process group; they start at the first batch, fetched with
+    SIGTERM held back (a worker inherits the block until it has left the group)."""
+    workers_in_their_own_process_group(loader)
     batches = iter(loader)
     with sigterm_held_back():
         first = next(batches)
