@@ -46,7 +46,7 @@ if full and resumed:
           max(abs(a - b) for a, b in zip(full["loss_curve"][-len(tail):], tail)))
 one, two = report("scale_x1"), report("scale_x2")
 if one and two:
-    per_gpu = two["tokens_per_second"] / 2
-    print(f"scaling: {one['tokens_per_second']:.0f} tokens/s on 1 GPU, {per_gpu:.0f} per GPU on 2: "
-          f"efficiency {per_gpu / one['tokens_per_second']:.1%}")
+    per_gpu = two["tokens_per_second_wall"] / 2
+    print(f"scaling: {one['tokens_per_second_wall']:.0f} tokens/s on 1 GPU, {per_gpu:.0f} per GPU on 2: "
+          f"efficiency {per_gpu / one['tokens_per_second_wall']:.1%}")
 PY
