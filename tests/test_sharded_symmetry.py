@@ -55,28 +55,23 @@ def record_calls_and_reads(model, batch) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny(text_tokenizer):
+def tiny(text_tokenizer, tmp_path_factory):
+    # A copy of the session's tokenizer: the processor adds its image tokens to the one it is given.
+    folder = tmp_path_factory.mktemp("tokenizer")
+    text_tokenizer.save_pretrained(folder)
     processor = Llama3Siglip2Processor(Llama3Siglip2ImageProcessor(patch_size=4, max_patches=64, merge_size=2),
-                                       text_tokenizer.__class__.from_pretrained(_save(text_tokenizer)))
+                                       text_tokenizer.__class__.from_pretrained(folder))
     config = Llama3Siglip2Config(
-        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=4, num_patches=64),
+        text_config={"vocab_size": len(processor.tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "patch_size": 4, "num_patches": 64},
         spatial_merge_size=2, image_token_id=processor.image_token_id, boi_token_id=processor.boi_token_id,
         eoi_token_id=processor.eoi_token_id,
     )
     torch.manual_seed(0)
     model = Llama3Siglip2ForConditionalGeneration(config).train()
     return model, processor
-
-
-def _save(tokenizer):
-    import tempfile
-
-    folder = tempfile.mkdtemp()
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def packed_batch(processor, samples):
