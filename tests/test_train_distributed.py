@@ -9,6 +9,7 @@ step trained on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -134,6 +135,18 @@ def test_two_processes_killed_after_a_checkpoint_resume_bit_identically_with_a_s
         assert torch.equal(expected[name], actual[name]), name
     assert digests(resumed) == digests(reference)
     assert [r["step"] for r in read_steps(resumed)] == list(range(1, 7))
+    assert_straggler_figures(reference)
+
+
+def assert_straggler_figures(output_dir: Path) -> None:
+    """A run of two processes reports how far its slowest rank is from the mean, for each step and steady."""
+    report = json.loads((output_dir / "report.json").read_text())
+    for key in ("straggler_ratio_work", "straggler_ratio_compute"):
+        assert report[key] is not None and math.isfinite(report[key]) and report[key] >= 1.0, (key, report[key])
+    records = read_steps(output_dir)
+    assert all(record["straggler_work"] >= 1.0 for record in records)
+    assert records[0]["straggler_compute"] is None  # no previous step to have timed
+    assert all(record["straggler_compute"] >= 1.0 for record in records[1:])
 
 
 def loader_sample_ids(args: list, phases: list[tuple[int, int]]) -> list[list[list[int]]]:
@@ -314,7 +327,114 @@ def test_the_step_summary_takes_fsdp2s_dtensor_gradient_norm():
         norm = DTensor.from_local(torch.tensor(2.5), mesh, [Replicate()])
         one_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1, gather=lambda tensor: tensor)
         summary = gather_step_summary(one_process, torch.tensor(1.25), norm, tokens=10, samples=2, sample_ids=[4, 7],
-                                      samples_seen=2, skipped=[0, 1], stop=False)
+                                      samples_seen=2, skipped=[0, 1], stop=False, work=5.0, compute_ms=math.nan)
     finally:
         dist.destroy_process_group()
     assert (summary.loss, summary.grad_norm, summary.finite, summary.skipped) == (1.25, 2.5, True, [0, 1])
+
+
+def test_straggler_ratio_is_the_largest_rank_over_the_mean_leaving_out_the_unmeasured():
+    from train_lib.step_sync import straggler_ratio
+
+    assert straggler_ratio([1.0, 2.0, 3.0]) == 1.5
+    assert straggler_ratio([4.0, 4.0]) == 1.0
+    assert straggler_ratio([2.0, math.nan, 4.0]) == 4.0 / 3.0
+    assert straggler_ratio([math.nan]) == straggler_ratio([7.0]) == 1.0  # one process is its own mean
+    assert math.isnan(straggler_ratio([math.nan, math.nan]))
+    assert math.isnan(straggler_ratio([0.0, 0.0]))
+
+
+def test_the_step_summary_vector_carries_each_ranks_figures_to_their_own_fields():
+    """Two ranks' rows through the summary's layout: sums, flags, skip counts, the digest and both straggler ratios
+    come back from the fields each rank put them in."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from train_lib.step_sync import gather_step_summary, sample_ids_digest
+
+    figures = [
+        {"tokens": 100, "samples": 3, "sample_ids": [1, 2, 3], "samples_seen": 30, "skipped": [1, 0, 2],
+         "stop": False, "work": 1e15, "compute_ms": 40.0},
+        {"tokens": 300, "samples": 5, "sample_ids": [4, 5, 6, 7, 8], "samples_seen": 50, "skipped": [0, 4, 0],
+         "stop": True, "work": 3e15, "compute_ms": 60.0},
+    ]
+    rank1 = []
+    recorder = SimpleNamespace(device=torch.device("cpu"), num_processes=1,
+                               gather=lambda vector: rank1.append(vector.clone()) or vector)
+    gather_step_summary(recorder, torch.tensor(0.75), torch.tensor(2.0), **figures[1])
+    two_ranks = SimpleNamespace(device=torch.device("cpu"), num_processes=2,
+                                gather=lambda vector: torch.cat([vector, rank1[0]]))
+    summary = gather_step_summary(two_ranks, torch.tensor(0.5), torch.tensor(2.0), **figures[0])
+
+    expected_digest = hashlib.sha1(sample_ids_digest([1, 2, 3]) + sample_ids_digest([4, 5, 6, 7, 8])).hexdigest()
+    assert (summary.loss, summary.grad_norm, summary.finite, summary.stop) == (1.25, 2.0, True, True)
+    assert (summary.tokens, summary.samples, summary.sample_ids, summary.samples_seen) == (400, 8, 8, 80)
+    assert (summary.skipped, summary.digest) == ([1, 4, 2], expected_digest)
+    assert (summary.straggler_work, summary.straggler_compute) == (1.5, 1.2)
+    record = summary.record(7)
+    assert (record["straggler_work"], record["straggler_compute"]) == (1.5, 1.2)
+
+
+def test_a_ranks_work_is_the_mfu_formula_with_its_packed_samples_attention():
+    """Two ranks with the same tokens: the one whose row is one long sample has more attention work than the one
+    whose row holds two short ones, by the formula's attention term; with whole-row spans it is the MFU's figure."""
+    from train_lib.loop import attention_pairs, batch_counts
+    from train_lib.reporting import FlopModel, flops_per_token
+    from train_lib.step_sync import straggler_ratio
+
+    from tests.test_train import TINY
+
+    pad = 0
+    one_long = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 5, pad, pad]]),
+                "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1]])}
+    two_short = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 5, pad, pad]]),
+                 "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1]])}
+    two_rows = {"input_ids": torch.tensor([[5, 6, pad], [7, 8, 9]]), "position_ids": torch.tensor([[0, 1, 0], [0, 1, 2]])}
+    assert (attention_pairs([one_long], pad), attention_pairs([two_short], pad)) == (36, 18)
+    assert attention_pairs([two_rows, one_long], pad) == 4 + 9 + 36
+
+    model = FlopModel(matmul_params=10, attention_flops_per_pair=1)
+    work = [model.flops(batch_counts([batch], pad)[0], attention_pairs([batch], pad)) for batch in (one_long, two_short)]
+    assert work == [6 * 10 * 6 + 36, 6 * 10 * 6 + 18]
+    assert straggler_ratio(work) == work[0] / ((work[0] + work[1]) / 2)
+
+    from train_lib.arguments import parse_arguments
+    from train_lib.model_factory import build_model_and_processor
+
+    model_args, data_args, _ = parse_arguments(TINY)
+    tiny = build_model_and_processor(model_args)[0]
+    seq_len = data_args.seq_len
+    assert FlopModel.of(tiny).flops(tokens=3, attended=3 * seq_len) == 3 * flops_per_token(tiny, seq_len)
+
+
+def test_the_step_clock_files_each_forward_time_ratio_under_the_step_it_measured():
+    from train_lib.metrics import StepClock
+
+    clock = StepClock(1.0, None, 2)
+    work = [1.0, 1.0, 1.0, 1.2, 1.4, 1.0]
+    compute_of_previous = [math.nan, 9.0, 9.0, 9.0, 1.5, 1.1]  # what each step gathered: its previous step's
+    for step_work, compute in zip(work, compute_of_previous):
+        clock.start_step()
+        clock.end_step(10, step_work, compute)
+    assert clock.straggler_compute[:5] == [9.0, 9.0, 9.0, 1.5, 1.1] and math.isnan(clock.straggler_compute[5])
+    summary = clock.summary()  # steady: steps 4 to 6 (3 warm-up steps, nothing compiled)
+    assert summary["straggler_ratio_work"] == pytest.approx((1.2 + 1.4 + 1.0) / 3)
+    assert summary["straggler_ratio_compute"] == pytest.approx((1.5 + 1.1) / 2)  # step 6's was never gathered
+
+
+def test_the_forward_timer_times_armed_forwards_and_hands_them_over_a_step_late():
+    from train_lib.metrics import ForwardTimer
+
+    model = torch.nn.Linear(4, 4)
+    timer = ForwardTimer(model, torch.device("cpu"))
+    with timer.timing():
+        model(torch.ones(2, 4))
+        model(torch.ones(2, 4))
+    model(torch.ones(2, 4))  # an evaluation's forward: not counted
+    assert len(timer.current) == 2
+    assert math.isnan(timer.previous_step_ms())  # the first step: nothing before it
+    with timer.timing():
+        model(torch.ones(2, 4))
+    first_step_ms = sum(timer.finished)
+    assert timer.previous_step_ms() == first_step_ms > 0
+    assert timer.finished and not timer.current

@@ -4,11 +4,13 @@ A step, on every rank:
     1. `gradient_accumulation_steps` micro-batches from the loader, with their sample ids;
     2. one all-reduce of the target count (every rank's loss is a sum over the global batch's targets);
     3. `forward_backward_step` for each micro-batch; the gradient clip;
-    4. one all-gather of the step's summary (`step_sync`): the loss, the gradient norm, the counts, the stop flag;
+    4. one all-gather of the step's summary (`step_sync`): the loss, the gradient norm, the counts, the stop flag,
+       each rank's modelled work and forward time (the straggler ratios);
     5. the optimizer and scheduler step, unless a loss or the gradient norm was not finite on any rank.
 
 Host syncs per step: 1, the summary's copy to the host (`HOST_SYNCS_PER_STEP`). Targets, tokens and samples are
-counted on the host from the CPU batch; the loss and gradient norm stay on the device until the summary. Under
+counted on the host from the CPU batch, and so is the step's modelled work (`reporting.FlopModel`); the loss and
+gradient norm stay on the device until the summary, and the forward times (`ForwardTimer`) a step longer. Under
 DeepSpeed, which runs its optimizer step inside `backward`, each micro-batch's loss is also checked before its
 backward (one reduce and one host sync each): a NaN that reached DeepSpeed's step would be applied.
 
@@ -36,9 +38,10 @@ from processing.data import SKIP_REASONS
 from processing.data.health import SkipRateGuard
 
 from .checkpoints import save_checkpoint
-from .metrics import StepClock, StepLog
+from .metrics import ForwardTimer, StepClock, StepLog
 from .preemption import StopRequested, batches_through_sigterm
-from .step_sync import gather_step_summary, host_to_device
+from .reporting import FlopModel
+from .step_sync import finite_or_none, gather_step_summary, host_to_device
 
 HOST_SYNCS_PER_STEP = 1
 IGNORE_INDEX = -100
@@ -85,6 +88,20 @@ def batch_counts(micro_batches, pad_token_id: int) -> tuple[int, int]:
     return tokens, samples
 
 
+def attention_pairs(micro_batches, pad_token_id: int) -> int:
+    """(token, token it attends over) pairs in packed CPU batches: each sample's length squared, summed (every token
+    over its whole sample, as the MFU counts every token over the whole row). One long sample costs more than two
+    short ones of the same tokens: packing's attention imbalance between ranks. Padding is left out, as from the
+    tokens."""
+    pairs = 0
+    for batch in micro_batches:
+        real = (batch["input_ids"] != pad_token_id).flatten()
+        starts = (batch["position_ids"] == 0).flatten() & real
+        sample_of_token = torch.cumsum(starts, 0)[real]  # every row begins with a sample: a new number per sample
+        pairs += int((torch.bincount(sample_of_token) ** 2).sum())
+    return pairs
+
+
 def count_targets(micro_batches) -> int:
     """Label positions the shifted loss scores: every label but each row's first that is not ignored."""
     return sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
@@ -109,8 +126,8 @@ class Checkpointer:
         self.keep = train_args.keep_checkpoints
         unwrapped = accelerator.unwrap_model(model)
         # What `hf/` needs for an offline export of the checkpoint.
-        self.hf_files = dict(model_config=unwrapped.config, processor=processor,
-                             generation_config=getattr(unwrapped, "generation_config", None))
+        self.hf_files = {"model_config": unwrapped.config, "processor": processor,
+                         "generation_config": getattr(unwrapped, "generation_config", None)}
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -139,6 +156,9 @@ class Trainer:
         self.stop = StopRequested()
         self.guard = guard or SkipRateGuard()  # judged on every rank's counts: all ranks raise at the same step
         self.clock = StepClock(flops_per_token, peak_flops_per_device, accelerator.num_processes)
+        unwrapped = accelerator.unwrap_model(model)
+        self.flop_model = FlopModel.of(unwrapped)  # the MFU's formula (its flops_per_token), for each rank's work
+        self.forward_timer = ForwardTimer(unwrapped, accelerator.device)
         self.step_log = StepLog(train_args.output_dir, state["step"], enabled=accelerator.is_main_process)
         self.consecutive_bad = 0
         self.skipped_examples: dict[str, int] = {}
@@ -165,7 +185,8 @@ class Trainer:
         with accelerator.accumulate(self.model):
             # non_blocking: a blocking copy would wait for the GPU to finish the previous micro-batch (a host sync).
             batch = batch.to(accelerator.device, non_blocking=True)
-            loss = self.model(**batch, num_items_in_batch=targets).loss
+            with self.forward_timer.timing():
+                loss = self.model(**batch, num_items_in_batch=targets).loss
             if self.state["step"] + 1 in self.nan_steps:
                 loss = loss * float("nan")
             if self.deepspeed and not bool(accelerator.reduce(torch.isfinite(loss).float(), "min")):
@@ -182,13 +203,14 @@ class Trainer:
 
     def train_step(self, micro_batches, sample_ids):
         tokens, samples = batch_counts(micro_batches, self.pad_token_id)  # on the host, before the batches move
+        work = self.flop_model.flops(tokens, attention_pairs(micro_batches, self.pad_token_id))
         targets = self.global_target_count(micro_batches)
         loss = torch.stack([self.forward_backward_step(batch, targets) for batch in micro_batches]).sum()
         grad_norm = self.clip_gradients()
         summary = gather_step_summary(
             self.accelerator, loss, grad_norm, tokens=tokens, samples=samples, sample_ids=sample_ids,
             samples_seen=self.pipeline.samples_seen, skipped=skip_vector(self.pipeline.skipped),
-            stop=self.stop.requested)
+            stop=self.stop.requested, work=work, compute_ms=self.forward_timer.previous_step_ms())
         if summary.finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -212,7 +234,7 @@ class Trainer:
                 self.clock.start_step()
                 micro_batches, sample_ids = self.next_micro_batches()
                 summary = self.train_step(micro_batches, sample_ids)
-                self.clock.end_step(summary.tokens)
+                self.clock.end_step(summary.tokens, summary.straggler_work, summary.straggler_compute)
                 self.record(summary, sample_ids, progress)
                 if self.evaluate is not None:
                     figures = self.evaluate(state["step"]) or {}
@@ -263,6 +285,9 @@ class Trainer:
                     **{f"skipped/{reason}": count for reason, count in self.skipped_examples.items()}}
             if summary.grad_norm is not None:
                 logs["grad_norm"] = summary.grad_norm
+            if self.accelerator.num_processes > 1:  # straggler_compute is the previous step's (see metrics)
+                logs["straggler_work"] = finite_or_none(summary.straggler_work)
+                logs["straggler_compute"] = finite_or_none(summary.straggler_compute)
             if steady_rate is not None:
                 logs["tokens_per_s_steady"] = steady_rate
             self.accelerator.log({k: v for k, v in logs.items() if v is not None}, step=state["step"])

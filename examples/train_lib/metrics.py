@@ -1,4 +1,5 @@
-"""What the training loop measures: step times and the steady state after compilation, MFU, and `steps.jsonl`.
+"""What the training loop measures: step times and the steady state after compilation, MFU, stragglers, and
+`steps.jsonl`.
 
 Steady state. The first steps of a run are slow for reasons that say nothing about the run's speed: torch.compile
 traces and compiles (each new shape or graph break again), CUDA and the allocator warm up, loader workers start.
@@ -6,6 +7,14 @@ traces and compiles (each new shape or graph break again), CUDA and the allocato
 `MIN_WARMUP_STEPS`; the steps after the last one that compiled are steady, and the run's speed is the median of
 theirs, with p10 and p90 for the spread. `compile_seconds` is the time from the loop's start to the first steady
 step; `graph_count` the number of graphs Dynamo compiled.
+
+Stragglers (see `step_sync`): each step's `straggler_work` (the ranks' modelled FLOPs, largest over mean) and
+`straggler_compute` (the same for their measured forward time, `ForwardTimer`). report.json keeps the steady
+steps' `straggler_ratio_work` (their mean: the figure is exact, and the mean is what the imbalance costs over the
+run) and `straggler_ratio_compute` (their median: timings have outliers, a preempted thread or a collection). A
+step's forward time is gathered one step late, so in `steps.jsonl` and the trackers step k's `straggler_compute`
+is that of step k-1 (null at the first step a job of several processes runs, 1.0 on one process); the report
+files each under the step it measured.
 
 `steps.jsonl` (one JSON object per optimizer step, written by the job's main process) proves that a resumed run
 saw the same data as an uninterrupted one: each line holds the step's loss and a digest of the sample ids every
@@ -15,10 +24,13 @@ rank trained on (see `step_sync`). A resumed run first drops the lines after its
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 MIN_WARMUP_STEPS = 3
 # The progress bar's running figures cover at most this many recent steady steps.
@@ -60,7 +72,8 @@ def model_flops_utilization(tokens_per_second: float, flops_per_token: float, pe
 
 
 class StepClock:
-    """Wall time and global tokens of each step this process ran, and which of them are steady (see the module doc).
+    """Wall time, global tokens and straggler ratios of each step this process ran, and which of them are steady
+    (see the module doc).
 
     Times are host times between the ends of consecutive steps' host syncs, so on a GPU they include the device's
     work; checkpoint saves and evaluations happen between steps and are not counted.
@@ -72,6 +85,8 @@ class StepClock:
         self.starts: list[float] = []
         self.seconds: list[float] = []
         self.tokens: list[int] = []
+        self.straggler_work: list[float] = []  # by step, as `self.seconds`
+        self.straggler_compute: list[float] = []  # by the step measured; NaN: not measured (yet)
         self.last_compiling_step = 0  # steps counted from 1 in this process; 0: none compiled
         self._counters = compile_counters()
         self._tick = None
@@ -79,10 +94,15 @@ class StepClock:
     def start_step(self) -> None:
         self._tick = time.perf_counter()
 
-    def end_step(self, tokens: int) -> None:
+    def end_step(self, tokens: int, straggler_work: float = math.nan, straggler_compute: float = math.nan) -> None:
+        """`straggler_compute` is the previous step's (see the module doc), and filed under it."""
         self.starts.append(self._tick)
         self.seconds.append(time.perf_counter() - self._tick)
         self.tokens.append(tokens)
+        self.straggler_work.append(straggler_work)
+        if self.straggler_compute:
+            self.straggler_compute[-1] = straggler_compute
+        self.straggler_compute.append(math.nan)
         counters = compile_counters()
         if counters != self._counters:
             self.last_compiling_step, self._counters = len(self.seconds), counters
@@ -130,7 +150,79 @@ class StepClock:
             **{f"step_seconds_{key}": value for key, value in (step_seconds or {}).items()},
             "compile_seconds": (self.starts[warmup] - self.loop_start) if len(self.starts) > warmup else None,
             "graph_count": graph_count(),
+            "straggler_ratio_work": finite_aggregate(np.mean, self.straggler_work[warmup:]),
+            "straggler_ratio_compute": finite_aggregate(np.median, self.straggler_compute[warmup:]),
         }
+
+
+def finite_aggregate(aggregate, values) -> float | None:
+    """`aggregate` of the finite values; None where there is none (no steady step, or none measured)."""
+    finite = [value for value in values if math.isfinite(value)]
+    return float(aggregate(finite)) if finite else None
+
+
+class ForwardTimer:
+    """Times this rank's forward passes in each training step: the `compute_ms` of `step_sync`, one step late.
+
+    Hooks on the unwrapped model rather than a timer around the call: DDP's forward first broadcasts the model's
+    buffers (the rotary `inv_freq`) from rank 0, a collective in which a fast rank would wait for a slow one. Inside
+    it the forward has no collective under DDP, ZeRO-1/2 or one process, so its time is the rank's own compute.
+    Under FSDP2 and ZeRO-3 the forward all-gathers parameters layer by layer, and each gather waits for every rank:
+    there the times include those waits, and the ratio understates the imbalance (`straggler_work` does not).
+
+    On a GPU, a pair of CUDA events around each forward (recording one is no host sync). Their times are read a step
+    later, after that step's summary copy made the host wait for the device, when they are complete: reading them
+    sooner would wait, a second host sync per step. On a CPU the forward runs on the host: perf_counter.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.armed = False  # only the training step's forwards count, not the evaluation's
+        self.current: list = []  # this step's forwards: (start, end) events on a GPU, milliseconds on a CPU
+        self.finished: list = []  # the previous step's
+        self._start = None
+        self.handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
+
+    @contextmanager
+    def timing(self):
+        """Time the forwards run inside."""
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+
+    def _before(self, module, args) -> None:
+        if not self.armed:
+            return
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def _after(self, module, args, output) -> None:
+        if not self.armed or self._start is None:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.current.append((self._start, end))
+        else:
+            self.current.append((time.perf_counter() - self._start) * 1e3)
+        self._start = None
+
+    def previous_step_ms(self) -> float:
+        """The previous step's forward milliseconds (NaN if this process ran none); this step's are kept for the
+        next call."""
+        previous, self.finished, self.current = self.finished, self.current, []
+        if not previous:
+            return math.nan
+        if not self.cuda:
+            return float(sum(previous))
+        if not all(end.query() for _, end in previous):  # never so after a host sync; but never wait either
+            return math.nan
+        return float(sum(start.elapsed_time(end) for start, end in previous))
 
 
 class StepLog:

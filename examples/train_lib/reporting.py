@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DistributedType
@@ -32,19 +33,38 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the matrix products (forward + backward), plus attention's 12·layers·S·d.
+@dataclass(frozen=True)
+class FlopModel:
+    """The training FLOPs the MFU counts: 6 per token for each parameter that multiplies it (forward + backward),
+    plus attention's score and value products, 12·layers·hidden for each (query token, token it attends over).
 
-    N counts every parameter that multiplies a token (embedding lookups excluded). The attention term assumes rows
-    attend over `seq_len`; packed rows attend over their own samples only, so this is an upper bound there.
+    N (`matmul_params`) counts every parameter that multiplies a token, embedding lookups excluded, vision tower
+    included: an image enters as its image tokens in the decoder rows (one per `spatial_merge_size`² patches), so
+    its patches count through them (the vision tower's own cost per patch is not modelled apart). One formula, two uses: `flops_per_token` (the MFU) lets every token attend over the whole row,
+    and the trainer's per-rank work gives it the packed samples' own lengths (`loop.attention_pairs`).
     """
-    config = model.config
-    text = config.text_config
-    matmul_params = sum(parameter_count(p) for n, p in model.named_parameters() if "embed_tokens" not in n)
-    if getattr(config, "tie_word_embeddings", False):
-        matmul_params += text.vocab_size * text.hidden_size  # the tied lm_head still multiplies every token
-    attention = 12 * text.num_hidden_layers * seq_len * text.hidden_size
-    return 6 * matmul_params + attention
+
+    matmul_params: int
+    attention_flops_per_pair: int
+
+    @classmethod
+    def of(cls, model) -> FlopModel:
+        config = model.config
+        text = config.text_config
+        matmul_params = sum(parameter_count(p) for n, p in model.named_parameters() if "embed_tokens" not in n)
+        if getattr(config, "tie_word_embeddings", False):
+            matmul_params += text.vocab_size * text.hidden_size  # the tied lm_head still multiplies every token
+        return cls(matmul_params, 12 * text.num_hidden_layers * text.hidden_size)
+
+    def flops(self, tokens: int, attended: int) -> float:
+        """FLOPs of training on `tokens` tokens that attend over `attended` (query, key) pairs in all."""
+        return 6 * self.matmul_params * tokens + self.attention_flops_per_pair * attended
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token (`FlopModel`), each token attending over `seq_len`: packed rows attend over their
+    own samples only, so this is an upper bound there."""
+    return FlopModel.of(model).flops(tokens=1, attended=seq_len)
 
 
 def backend_name(accelerator) -> str:

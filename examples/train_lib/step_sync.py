@@ -2,10 +2,21 @@
 
 Each rank puts its figures for the step into a float64 vector on its device: its part of the loss and the gradient
 norm (device tensors, never read on the host before this), then host-side numbers (tokens, samples, how many
-sample ids, samples and skipped examples so far, whether SIGTERM arrived) and a digest of its sample ids. One
-all-gather and one copy to the host later (the step's only host sync), every rank holds every rank's row and so
-takes the same decisions: skip the optimizer step when any rank's loss or the gradient norm is not finite, stop
-when any rank was asked to, raise when the data is mostly bad.
+sample ids, samples so far, whether SIGTERM arrived, the rank's modelled work and its measured forward time, the
+skipped examples so far) and a digest of its sample ids. One all-gather and one copy to the host later (the step's
+only host sync), every rank holds every rank's row and so takes the same decisions: skip the optimizer step when
+any rank's loss or the gradient norm is not finite, stop when any rank was asked to, raise when the data is mostly
+bad.
+
+Stragglers. Every step ends in collectives that wait for the slowest rank, so a rank given more work than the
+others slows all of them; packing makes ranks' work differ although their row counts agree (tokens, images and
+attention spans vary). Two figures per step show how much, each the largest rank's over the mean of all ranks
+(`straggler_ratio`; 1.0 is balanced, and at 1.2 the ranks wait on average a sixth of the slowest rank's time):
+- `straggler_work`: the ranks' modelled FLOPs (`reporting.FlopModel` on the CPU batch), the imbalance the data
+  dealt, free of any timing noise;
+- `straggler_compute`: the ranks' measured forward time (`metrics.ForwardTimer`), which also sees what the model misses
+  (padded image patches, kernels that favour some shapes, a slow device). It is the previous step's: on a GPU its
+  events are complete only after this step's host sync, and reading them earlier would be a host sync of its own.
 
 The digest of a step is sha1 over the ranks' own sha1s of their sample-id lists, in rank order: two runs trained
 on the same samples in the same places exactly when their digests agree. Each rank's sha1 travels as five 32-bit
@@ -22,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-HOST_FIELDS = ("tokens", "samples", "sample_ids", "samples_seen", "stop")
+HOST_FIELDS = ("tokens", "samples", "sample_ids", "samples_seen", "stop", "work", "compute_ms")
 DIGEST_WORDS = 5  # sha1's 160 bits
 
 
@@ -36,6 +47,18 @@ def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> to
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
+
+def straggler_ratio(values) -> float:
+    """The largest value over the mean of all ranks', NaN (not measured) left out; NaN when no rank measured one.
+
+    One process is its own mean: 1.0, measured or not."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if values.numel() == 1:
+        return 1.0
+    values = values[torch.isfinite(values)]
+    mean = float(values.mean()) if values.numel() else math.nan
+    return float(values.max()) / mean if mean > 0 else math.nan
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -58,19 +81,30 @@ class StepSummary:
     skipped: list[int]  # examples skipped since the run began, by reason (the caller's order)
     stop: bool  # some rank received SIGTERM
     digest: str
+    straggler_work: float  # the most modelled FLOPs a rank had over the ranks' mean
+    straggler_compute: float  # the same for measured forward time, of the previous step (NaN: none measured)
 
     def record(self, step: int) -> dict:
-        """The step's line in steps.jsonl (JSON has no NaN: a non-finite loss is null)."""
-        return {"step": step, "loss": self.loss if math.isfinite(self.loss) else None, "digest": self.digest,
-                "ids": self.sample_ids, "tokens": self.tokens}
+        """The step's line in steps.jsonl (JSON has no NaN: a non-finite figure is null)."""
+        return {"step": step, "loss": finite_or_none(self.loss), "digest": self.digest, "ids": self.sample_ids,
+                "tokens": self.tokens, "straggler_work": finite_or_none(self.straggler_work),
+                "straggler_compute": finite_or_none(self.straggler_compute)}
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: int, samples: int, sample_ids: list,
-                        samples_seen: int, skipped: list[int], stop: bool) -> StepSummary:
-    """All-gather every rank's figures for the step (one collective, one host sync) and sum them."""
+                        samples_seen: int, skipped: list[int], stop: bool, work: float,
+                        compute_ms: float) -> StepSummary:
+    """All-gather every rank's figures for the step (one collective, one host sync) and sum them.
+
+    `work`: this rank's modelled FLOPs for the step; `compute_ms`: its forward time in the previous step, NaN if
+    not measured (see the module doc)."""
     device = accelerator.device
     words = struct.unpack(f">{DIGEST_WORDS}I", sample_ids_digest(sample_ids))
-    host = [tokens, samples, len(sample_ids), samples_seen, float(stop), *skipped, *words]
+    host = [tokens, samples, len(sample_ids), samples_seen, float(stop), work, compute_ms, *skipped, *words]
     on_device = [loss]
     if torch.is_tensor(grad_norm):
         on_device.append(whole(grad_norm))
@@ -99,4 +133,6 @@ def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: i
         skipped=[int(count) for count in skipped_by_rank.sum(dim=0).tolist()],
         stop=bool(columns["stop"].any()),
         digest=digest,
+        straggler_work=straggler_ratio(columns["work"]),
+        straggler_compute=straggler_ratio(columns["compute_ms"]),
     )
