@@ -1,30 +1,34 @@
 #!/usr/bin/env bash
-# The scale-out checks, on one machine of 4 GPUs (nvidia-h100-x4), in three calls of the device tool:
+# The scale-out checks, on one machine of 4 GPUs (nvidia-h100-x4 or nvidia-h200-x4), in two calls of the device tool:
 #
-#   bash benchmarks/gpu_scaleout.sh correctness  # DDP, FSDP2, ZeRO-2, ZeRO-3 on 2 and 4 GPUs, mixed data, 30 steps
-#   bash benchmarks/gpu_scaleout.sh resume       # exact resume, 2 -> 4 and 4 -> 2 GPUs, ZeRO refusal, two nodes
-#   bash benchmarks/gpu_scaleout.sh speed        # tokens/s per GPU on 1, 2 and 4 GPUs, ZeRO-3 vs FSDP2, 8B on 4
+#   bash benchmarks/gpu_scaleout.sh check   # DDP, FSDP2, ZeRO-2, ZeRO-3 on 4 GPUs (and DDP on 2), mixed data, 30 steps;
+#                                           # SIGKILL + exact resume; 4 -> 2 and 2 -> 4; ZeRO refusal; two nodes
+#   bash benchmarks/gpu_scaleout.sh speed   # tokens/s per GPU on 1, 2 and 4 GPUs (FSDP2), ZeRO-3 and DDP on 4,
+#                                           # loader headroom, then the 8B config on 4
 #
-# `resume` reads the checkpoints `correctness` left in /tmp/runs, so both run on the same warm machine.
-# Each run's log goes into $OUT/logs.tar.gz; $OUT/<phase>.json and .md hold the verdicts (benchmarks/scaleout_report.py).
-# CPU rehearsal of the orchestration (DDP only, gloo, tiny model): DRY=1 bash benchmarks/gpu_scaleout.sh correctness
+# `check` is about correctness, not speed, so its jobs share the GPUs: every job of a wave starts at once (a 4-GPU
+# job and a 2-GPU job on the same cards is fine for a 100M model), which makes the phase minutes instead of a
+# quarter hour. `speed` runs one job at a time, alone on its GPUs.
+# Each run's log goes into $OUT/logs_<phase>.tar.gz; $OUT/<phase>.json and .md hold the verdicts
+# (benchmarks/scaleout_report.py). CPU rehearsal of the orchestration (torchrun, gloo, tiny model, DDP only):
+#   DRY=1 bash benchmarks/gpu_scaleout.sh check
 # NVLink multicast stays off (gpu_env.sh). Runs are stopped by process group, never by name.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OUT=${OUT:-/tmp/scaleout_out}; RUNS=${RUNS:-/tmp/runs}; LOGS=$RUNS/logs
 mkdir -p "$OUT" "$RUNS" "$LOGS"
-phase=${1:?correctness, resume or speed}
+phase=${1:?check or speed}
 DRY=${DRY:-0}
-PORT=29500
 
 if [ "$DRY" = 1 ]; then
-  BACKENDS=(ddp); MODEL=(--config "" --text_hidden_size 64 --text_intermediate_size 128 --text_heads 2 --text_kv_heads 1
+  BACKENDS=(ddp); SAME=ddp; FOUR=0,1,2; N4=x3
+  MODEL=(--config "" --text_hidden_size 64 --text_intermediate_size 128 --text_heads 2 --text_kv_heads 1
     --vision_hidden_size 32 --vision_intermediate_size 64 --vision_heads 2 --text_layers 2 --vision_layers 1
     --patch_size 8 --spatial_merge_size 2 --min_patches 4 --max_patches 64 --vocab_size 320
     --learning_rate 0.002 --warmup_steps 3 --eval_samples 0 --eval_before false --report_to none)
   SEQ=(--seq_len 512 --rows_per_batch 1)
 else
-  BACKENDS=(ddp fsdp2 deepspeed_zero2 deepspeed_zero3)
+  BACKENDS=(ddp fsdp2 deepspeed_zero2 deepspeed_zero3); SAME=fsdp2; FOUR=0,1,2,3; N4=x4
   MODEL=(--config examples/configs/gpu_100m.yaml --compile false)
   SEQ=(--seq_len 2048 --rows_per_batch 2)
 fi
@@ -71,105 +75,94 @@ kill_after_checkpoint() {
   echo "$name: killed after step-$step ($(ls -a "$RUNS/$name/checkpoints" 2>/dev/null | tr '\n' ' '))"
 }
 
-# args NAME: the arguments every run of the correctness and resume phases shares, into the array A.
+# args NAME: the arguments every run of the check phase shares, into the array A.
 args() {
   A=("${MODEL[@]}" "${SEQ[@]}" "${MIXED[@]}" --max_steps 30 --checkpoint_every 10 --keep_checkpoints 3
      --check_final_reload true --output_dir "$RUNS/$1" --log_sample_ids true)
 }
 
+# resume_on NAME FROM BACKEND GPUS: a copy of run FROM's step-20 (and its first 20 steps.jsonl lines), resumed on GPUS.
+resume_on() {
+  local name=$1 from=$2 backend=$3 gpus=$4
+  rm -rf "$RUNS/$name"; mkdir -p "$RUNS/$name/checkpoints"
+  [ -d "$RUNS/$from/checkpoints/step-20" ] || { echo "$name: no step-20 in $from to resume"; return; }
+  cp -r "$RUNS/$from/checkpoints/step-20" "$RUNS/$name/checkpoints/"
+  head -n 20 "$RUNS/$from/steps.jsonl" > "$RUNS/$name/steps.jsonl"
+  args "$name"; run "$name" "$backend" "$gpus" "${A[@]}" --resume_from_checkpoint latest
+}
+
+# Two "nodes" of one GPU each on this host: accelerate launch --num_machines 2, one process group per node.
+node() {  # RANK NAME ARGS...: sets PID
+  local rank=$1 name=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$rank setsid accelerate launch --config_file examples/accelerate/fsdp2.yaml \
+    --num_machines 2 --machine_rank "$rank" --num_processes 2 --main_process_ip 127.0.0.1 \
+    --main_process_port 29800 examples/train.py "$@" > "$LOGS/${name}_node$rank.log" 2>&1 &
+  PID=$!
+}
+both_nodes() {  # LABEL ARGS...: both nodes, waited for (at most $LIMIT seconds)
+  local label=$1; shift
+  node 0 two_nodes "$@"; local p0=$PID; node 1 two_nodes "$@"; local p1=$PID
+  local waited=0
+  while { kill -0 $p0 || kill -0 $p1; } 2>/dev/null && [ $waited -lt "${LIMIT:-300}" ]; do sleep 1; waited=$((waited+1)); done
+  kill -9 -- -$p0 -$p1 2>/dev/null; wait $p0; local rc0=$?; wait $p1; local rc1=$?
+  for r in 0 1; do echo "EXIT $([ $r = 0 ] && echo $rc0 || echo $rc1) after ${waited}s" >> "$LOGS/two_nodes_node$r.log"
+    mv "$LOGS/two_nodes_node$r.log" "$LOGS/two_nodes_${label}_node$r.log"; done
+  echo "two_nodes $label: exit $rc0/$rc1 after ${waited}s"
+}
+
+finish() {  # PHASE: verdicts and logs into $OUT (also after a partial run)
+  python3 benchmarks/scaleout_report.py "$1" "$RUNS" "$OUT"
+  tar -czf "$OUT/logs_$1.tar.gz" -C "$RUNS" logs $(cd "$RUNS" && ls -d */steps.jsonl */report.json 2>/dev/null)
+}
+
 case $phase in
-correctness)
-  nvidia-smi -L 2>/dev/null
-  python3 benchmarks/make_mixed_data.py /tmp/mixed.parquet --samples ${SAMPLES:-3000} > /dev/null
-  # Two 2-GPU jobs side by side, then the 4-GPU ones. The ZeRO-3 runs are the known hang; LIMIT catches one.
-  for pair in "0 1" "2 3"; do
-    a=${BACKENDS[${pair% *}]:-}; b=${BACKENDS[${pair#* }]:-}
-    [ -n "$a" ] && { args "${a}_x2"; run "${a}_x2" "$a" 0,1 "${A[@]}" & }
-    [ -n "$b" ] && { args "${b}_x2"; run "${b}_x2" "$b" 2,3 "${A[@]}" & }
-    wait
-  done
-  if [ "$DRY" = 1 ]; then
-    args ddp_x3; run ddp_x3 ddp 0,1,2 "${A[@]}"
-  else
-    for backend in "${BACKENDS[@]}"; do args "${backend}_x4"; run "${backend}_x4" "$backend" 0,1,2,3 "${A[@]}"; done
-  fi
-  ;;
-quick)
-  # What a few minutes of a 4-GPU machine allow: the two runs that failed in the issue (ZeRO-3 on mixed data, FSDP2
-  # with checkpoints) side by side on 2 GPUs each, then ZeRO-3 on all 4.
+check)
   nvidia-smi -L 2>/dev/null
   if [ -f .scaleout/mixed.parquet ]; then cp .scaleout/mixed.parquet /tmp/mixed.parquet  # made beforehand, carried
   else python3 benchmarks/make_mixed_data.py /tmp/mixed.parquet --samples ${SAMPLES:-1500} > /dev/null; fi
-  LIMIT=${LIMIT:-110}
-  { args deepspeed_zero3_x2; run deepspeed_zero3_x2 deepspeed_zero3 0,1 "${A[@]}"; } &
-  { args fsdp2_x2; run fsdp2_x2 fsdp2 2,3 "${A[@]}"; } &
+  LIMIT=${LIMIT:-300}
+  # Wave 1, all at once: every backend on 4 GPUs, DDP on 2 (for 2 -> 4), the run killed after step-20, two nodes.
+  for backend in "${BACKENDS[@]}"; do args "${backend}_$N4"; run "${backend}_$N4" "$backend" $FOUR "${A[@]}" & done
+  args ddp_x2; run ddp_x2 ddp 0,1 "${A[@]}" &
+  rm -rf "$RUNS/${SAME}_${N4}_killed"; args "${SAME}_${N4}_killed"
+  kill_after_checkpoint "${SAME}_${N4}_killed" 20 "$SAME" $FOUR "${A[@]}" &
+  if [ "$DRY" != 1 ]; then args two_nodes; rm -rf "$RUNS/two_nodes"; both_nodes first "${A[@]}" --max_steps 20 & fi
   wait
-  python3 benchmarks/scaleout_report.py correctness "$RUNS" "$OUT" > /dev/null  # a partial verdict survives a cut
-  tar -czf "$OUT/logs_quick.tar.gz" -C "$RUNS" logs
-  if [ $SECONDS -lt ${ROUND2_BEFORE:-150} ]; then
-    args deepspeed_zero3_x4; run deepspeed_zero3_x4 deepspeed_zero3 0,1,2,3 "${A[@]}"
-  fi
-  phase=correctness
-  ;;
-resume)
-  four=0,1,2,3; [ "$DRY" = 1 ] && four=0,1,2
-  n4=x4; [ "$DRY" = 1 ] && n4=x3
-  # Same world size: kill after step-20 (SIGKILL, mid-run), resume; the reference is the correctness run.
-  same=${BACKENDS[1]:-ddp}; rm -rf "$RUNS/${same}_killed"
-  args "${same}_killed"; kill_after_checkpoint "${same}_killed" 20 "$same" 0,1 "${A[@]}"
-  run "${same}_killed" "$same" 0,1 "${A[@]}" --resume_from_checkpoint latest
-  # Another world size: resume the correctness runs' step-20 on the other count.
+  finish correctness
+  # Wave 2, all at once: the killed run resumed; 4 -> 2 (DDP, FSDP2, ZeRO-3's refusal); 2 -> 4 (DDP); two nodes.
+  args "${SAME}_${N4}_killed"; run "${SAME}_${N4}_killed" "$SAME" $FOUR "${A[@]}" --resume_from_checkpoint latest &
+  i=0
   for backend in "${BACKENDS[@]}"; do
-    case $backend in deepspeed_zero2) continue ;; esac
-    for move in "x2:$four:${n4}" "$n4:0,1:x2"; do
-      from=${move%%:*}; rest=${move#*:}; gpus=${rest%%:*}; to=${rest#*:}
-      name=${backend}_${from}_to_${to}; rm -rf "$RUNS/$name"; mkdir -p "$RUNS/$name/checkpoints"
-      [ -d "$RUNS/${backend}_${from}/checkpoints/step-20" ] || { echo "$name: no step-20 to resume"; continue; }
-      cp -r "$RUNS/${backend}_${from}/checkpoints/step-20" "$RUNS/$name/checkpoints/"
-      head -n 20 "$RUNS/${backend}_${from}/steps.jsonl" > "$RUNS/$name/steps.jsonl"
-      args "$name"; run "$name" "$backend" "$gpus" "${A[@]}" --resume_from_checkpoint latest
-      [ "$backend" = deepspeed_zero3 ] && break  # the refusal needs showing once
-    done
+    [ "$backend" = deepspeed_zero2 ] && continue
+    gpus=$([ $((i % 2)) = 0 ] && echo 0,1 || echo 2,3); i=$((i + 1))
+    [ "$DRY" = 1 ] && gpus=0,1
+    resume_on "${backend}_${N4}_to_x2" "${backend}_$N4" "$backend" "$gpus" &
   done
-  # Two "nodes" of one GPU each on this host, with a checkpoint, a kill and a resume.
-  if [ "$DRY" != 1 ]; then
-    node() {  # RANK NAME ARGS...: one "node" of the two, in its own process group; sets PID
-      local rank=$1 name=$2; shift 2
-      CUDA_VISIBLE_DEVICES=$rank setsid accelerate launch --config_file examples/accelerate/fsdp2.yaml \
-        --num_machines 2 --machine_rank "$rank" --num_processes 2 --main_process_ip 127.0.0.1 \
-        --main_process_port 29800 examples/train.py "$@" > "$LOGS/${name}_node$rank.log" 2>&1 &
-      PID=$!
-    }
-    both_nodes() {  # LABEL ARGS...: both nodes, waited for (at most 300 s)
-      local label=$1; shift
-      node 0 two_nodes "$@"; local p0=$PID; node 1 two_nodes "$@"; local p1=$PID
-      local waited=0
-      while { kill -0 $p0 || kill -0 $p1; } 2>/dev/null && [ $waited -lt 300 ]; do sleep 1; waited=$((waited+1)); done
-      kill -9 -- -$p0 -$p1 2>/dev/null; wait $p0; local rc0=$?; wait $p1; local rc1=$?
-      for r in 0 1; do echo "EXIT $([ $r = 0 ] && echo $rc0 || echo $rc1) after ${waited}s" >> "$LOGS/two_nodes_node$r.log"
-        mv "$LOGS/two_nodes_node$r.log" "$LOGS/two_nodes_${label}_node$r.log"; done
-      echo "two_nodes $label: exit $rc0/$rc1 after ${waited}s"
-    }
-    args two_nodes; rm -rf "$RUNS/two_nodes"
-    both_nodes first "${A[@]}" --max_steps 20
-    both_nodes resumed "${A[@]}" --resume_from_checkpoint latest
-  fi
+  resume_on "ddp_x2_to_$N4" ddp_x2 ddp $FOUR &
+  if [ "$DRY" != 1 ]; then args two_nodes; both_nodes resumed "${A[@]}" --resume_from_checkpoint latest & fi
+  wait
+  phase=resume
   ;;
 speed)
   nvidia-smi -L 2>/dev/null
-  python3 benchmarks/make_image_data.py /tmp/images --samples ${SAMPLES:-6000} > /dev/null
+  python3 benchmarks/make_image_data.py /tmp/images --samples ${SAMPLES:-4000} > /dev/null
   IMAGES=(--config examples/configs/bench_1b_images.yaml --dataset parquet --data_files "/tmp/images/images-*.parquet"
-          --max_steps ${STEPS:-60} --checkpoint_every 0 --report_to none)
-  LIMIT=420
-  run speed_fsdp2_x1 fsdp2 0 "${IMAGES[@]}" --output_dir "$RUNS/speed_fsdp2_x1" &
-  run speed_fsdp2_x2 fsdp2 1,2 "${IMAGES[@]}" --output_dir "$RUNS/speed_fsdp2_x2" &
-  wait
-  run speed_fsdp2_x4 fsdp2 0,1,2,3 "${IMAGES[@]}" --output_dir "$RUNS/speed_fsdp2_x4"
-  run speed_zero3_x4 deepspeed_zero3 0,1,2,3 "${IMAGES[@]}" --output_dir "$RUNS/speed_zero3_x4"
-  run speed_8b_fsdp2_x4 fsdp2 0,1,2,3 --config examples/configs/llama3_1_8b_siglip2_so400m.yaml --dataset parquet \
-    --data_files "/tmp/images/images-*.parquet" --max_steps ${STEPS_8B:-25} --checkpoint_every 0 --report_to none \
-    --output_dir "$RUNS/speed_8b_fsdp2_x4"
+          --max_steps ${STEPS:-50} --checkpoint_every 0 --report_to none)
+  LIMIT=${LIMIT:-150}
+  # One job at a time, alone on its GPUs: per-GPU tokens/s on 1, 2 and 4 (FSDP2), then ZeRO-3 and DDP on 4.
+  for job in "fsdp2 0 x1" "fsdp2 0,1 x2" "fsdp2 0,1,2,3 x4" "deepspeed_zero3 0,1,2,3 x4" "ddp 0,1,2,3 x4"; do
+    set -- $job
+    run "speed_${1}_$3" "$1" "$2" "${IMAGES[@]}" --output_dir "$RUNS/speed_${1}_$3"
+  done
+  # The loader alone (batches per second with the configs' worker count), beside the steps per second above.
+  timeout 60 python3 benchmarks/bench_loader.py --config examples/configs/bench_1b_images.yaml \
+    --data_files "/tmp/images/images-*.parquet" > "$LOGS/loader_headroom.log" 2>&1
+  finish speed
+  # The 8B config (Llama-3.1-8B + so400m dimensions) on 4 GPUs, with whatever time the call has left.
+  LIMIT=${LIMIT_8B:-240} run speed_8b_fsdp2_x4 fsdp2 0,1,2,3 --config examples/configs/llama3_1_8b_siglip2_so400m.yaml \
+    --dataset parquet --data_files "/tmp/images/images-*.parquet" --max_steps ${STEPS_8B:-25} --checkpoint_every 0 \
+    --report_to none --output_dir "$RUNS/speed_8b_fsdp2_x4"
   ;;
+*) echo "unknown phase $phase: check or speed"; exit 2 ;;
 esac
-python3 benchmarks/scaleout_report.py "$phase" "$RUNS" "$OUT"
-tar -czf "$OUT/logs_$phase.tar.gz" -C "$RUNS" logs $(cd "$RUNS" && ls -d */steps.jsonl */report.json 2>/dev/null)
+finish "$phase"

@@ -113,7 +113,7 @@ def correctness(runs: Path, logs: Path) -> list[dict]:
 def resume(runs: Path, logs: Path) -> list[dict]:
     rows = []
     for killed in sorted(runs.glob("*_killed")):
-        reference = runs / killed.name.replace("_killed", "_x2")
+        reference = runs / killed.name.removesuffix("_killed")  # fsdp2_x4_killed: the uninterrupted fsdp2_x4
         ref_steps, new_steps = read_steps(reference), read_steps(killed)
         by_step = {s["step"]: s for s in ref_steps}
         resumed = [s for s in new_steps if s["step"] > 20]
@@ -162,12 +162,18 @@ def speed(runs: Path, logs: Path) -> list[dict]:
                      "tokens_per_s_per_gpu": steady / gpus if steady else None,
                      **{k: report.get(k) for k in ("mfu_steady", "step_seconds_median", "step_seconds_p10",
                                                    "step_seconds_p90", "compile_seconds", "graph_count",
-                                                   "straggler_ratio", "peak_memory_gib", "host_syncs_per_step")},
+                                                   "straggler_ratio_work", "straggler_ratio_compute",
+                                                   "peak_memory_gib", "host_syncs_per_step")},
                      "errors": error_lines(logs, run.name) if not report else []})
-    one = next((r for r in rows if r["run"] == "speed_fsdp2_x1" and r["tokens_per_s_per_gpu"]), None)
+    by_name = {r["run"]: r for r in rows if r["tokens_per_s_per_gpu"]}
+    one, fsdp2_x4 = by_name.get("speed_fsdp2_x1"), by_name.get("speed_fsdp2_x4")
     for row in rows:
-        if one and row["tokens_per_s_per_gpu"] and "8b" not in row["run"]:
+        if not row["tokens_per_s_per_gpu"] or "8b" in row["run"]:
+            continue
+        if one:  # per-GPU tokens/s against FSDP2 on one GPU (for ZeRO-3 and DDP: against the same)
             row["scaling_efficiency"] = row["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
+        if fsdp2_x4 and row["run"].endswith("_x4"):
+            row["vs_fsdp2_x4"] = row["tokens_per_s_per_gpu"] / fsdp2_x4["tokens_per_s_per_gpu"]
     return rows
 
 

@@ -57,6 +57,9 @@ from modeling_llama3_siglip2.efficient_ops import (
 )
 from processing.collator import IGNORE_INDEX, MultimodalPackingCollator
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from train_lib.gc_policy import GarbageCollection
+
 LOSS_CHUNK = 2048
 
 
@@ -160,26 +163,34 @@ class Stepper:
         return loss.detach()
 
 
-def run(args) -> dict:
+def setup(args, batch_count: int):
+    """(the variant's model, its `Stepper`, `batch_count` batches in pinned memory, a note or None)."""
     variant, device = VARIANTS[args.variant], args.device
     config = model_config(args.text, args.vision, variant.merge)
-    ceiling = bf16_matmul_rate(device, 1024 if args.tiny else 8192)
-    batches = make_batches(variant, args, config, args.max_warmup + args.steps + 2 * args.profile_steps)
+    batches = make_batches(variant, args, config, batch_count)
     if device.type == "cuda":
         for batch in batches:
             batch.tensors = {k: v.pin_memory() for k, v in batch.tensors.items()}
     model = build_model(config, device)
     loss_fn, note = prepare(model, variant, args)
-    step_fn = Stepper(model, loss_fn, device)
+    return model, Stepper(model, loss_fn, device), batches, note
+
+
+def run(args) -> dict:
+    variant, device = VARIANTS[args.variant], args.device
+    ceiling = bf16_matmul_rate(device, 1024 if args.tiny else 8192)
+    model, step_fn, batches, note = setup(args, args.max_warmup + args.steps + 2 * args.profile_steps)
     counts = FlopCounts.of(model)
     watch = CompileWatch().install()
     steady = SteadyState(args.min_warmup, args.quiet, args.tolerance)
 
     # Warm-up: one synchronised step at a time, until steady.
+    collector = GarbageCollection(args.gc_every)
     losses, warm_seconds, started = [], [], time.perf_counter()
     for step, batch in enumerate(batches[: args.max_warmup]):
         watch.step, tick = step, time.perf_counter()
         losses.append(step_fn(batch))
+        collector.step(step + 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         warm_seconds.append(time.perf_counter() - tick)
@@ -197,6 +208,7 @@ def run(args) -> dict:
     for i, batch in enumerate(timed):
         watch.step = warmup_steps + i
         losses.append(step_fn(batch))
+        collector.step(warmup_steps + i + 1)
         clock.mark()
     step_s = clock.intervals_s()
     window = (warmup_steps, warmup_steps + len(timed) - 1)
@@ -290,6 +302,8 @@ def parse_args(argv=None):
     parser.add_argument("--bucket", type=int, default=256, help="all+bucket: pad L to a multiple of this")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--profile-steps", type=int, default=0, help="after the window: phase marks and a profile")
+    parser.add_argument("--gc-every", type=int, default=50, help="automatic gc off, gc.collect(1) every N steps, as "
+                        "train.py does (0: Python's own schedule)")
     args = parser.parse_args(argv)
     args.text, args.vision = (TEXT_TINY, VISION_TINY) if args.tiny else (TEXT_1B, VISION_BASE)
     args.workload_name = args.workload

@@ -98,18 +98,16 @@ def make_accelerator(train_args) -> Accelerator:
 def use_fast_path(model, train_args, accelerator) -> None:
     """The fastest correct path measured in BENCHMARKS.md, by default on GPU: the chunked loss (no fp32 logits),
     flex attention for the packed decoder rows (no dense 4-D mask), and compiled layers. Each computes the same
-    function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa. ZeRO-3
-    keeps the plain loss and eager layers: the chunked loss reads `lm_head.weight` outside the module call that
-    gathers it, and Inductor fails on ZeRO-3's parameter hooks."""
+    function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa.
+
+    ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
+    the whole weight. Its layers stay eager unless `--compile true`: Inductor traced through ZeRO-3's parameter hooks
+    fails on some DeepSpeed releases (BENCHMARKS.md says which ran)."""
     on_gpu = accelerator.device.type == "cuda"
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
     chunk = train_args.loss_chunk_size
-    if chunk is None:
-        chunk = 2048 if on_gpu and not zero3 else 0
-    elif chunk and zero3:
-        raise ValueError("--loss_chunk_size needs lm_head's whole weight, which ZeRO-3 keeps partitioned; use 0")
-    model.config.loss_chunk_size = chunk
+    model.config.loss_chunk_size = (2048 if on_gpu else 0) if chunk is None else chunk
     decoder_attention = train_args.decoder_attention or ("flex_attention" if on_gpu else None)
     if decoder_attention:
         use_decoder_attention(model, decoder_attention)

@@ -78,6 +78,14 @@ class Llama3Siglip2MultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_tokens_TD)))
 
 
+def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: a pageable copy to a GPU first drains its queue."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
+
 def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int, device) -> torch.Tensor:
     """Flat indices into the (N·L) patches, shaped (T, K): row t lists the k×k patches that become image token t.
 
@@ -85,9 +93,13 @@ def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, 
     block is not a run of consecutive entries: it is k rows of k patches, one image width apart. Tokens come out
     image by image, in raster order over the blocks; within a token, patches are in raster order over the block.
     """
-    k = merge_size
-    heights = torch.tensor([h for h, _ in spatial_shapes], device=device)
-    widths = torch.tensor([w for _, w in spatial_shapes], device=device)
+    return host_to_device(_merged_patch_index_on_host(spatial_shapes, max_patches, merge_size), device)
+
+
+def _merged_patch_index_on_host(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int):
+    k, device = merge_size, torch.device("cpu")
+    heights = torch.tensor([h for h, _ in spatial_shapes])
+    widths = torch.tensor([w for _, w in spatial_shapes])
     tokens_per_image = (heights // k) * (widths // k)
     total_tokens = sum((h // k) * (w // k) for h, w in spatial_shapes)
     image_of_token = torch.repeat_interleave(torch.arange(len(spatial_shapes), device=device), tokens_per_image,
@@ -158,8 +170,9 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def _image_shapes(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2) -> list[tuple[int, int]]:
-        """Check the NaFlex trio against each other and the merge, and return (h, w) per image on the host."""
+    def _image_shapes(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, image_mask_BS=None):
+        """Check the NaFlex trio against each other and the merge; return (h, w) per image and, given the
+        placeholder mask, the number of placeholders, read on the host together (one host sync for both)."""
         if pixel_values_NLP.dim() != 3:
             raise ValueError(f"pixel_values must be (N, L, P), got shape {tuple(pixel_values_NLP.shape)}")
         N, L, P = pixel_values_NLP.shape
@@ -174,14 +187,20 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
             got = None if pixel_attention_mask_NL is None else tuple(pixel_attention_mask_NL.shape)
             raise ValueError(f"pixel_attention_mask must be ({N}, {L}), got {got}")
         # One host sync for the whole batch: the shapes decide how many image tokens there are.
-        stats = torch.cat([spatial_shapes_N2, pixel_attention_mask_NL.sum(-1, keepdim=True)], dim=-1).tolist()
+        stats = torch.cat([spatial_shapes_N2, pixel_attention_mask_NL.sum(-1, keepdim=True)], dim=-1).view(-1)
+        if image_mask_BS is not None:
+            stats = torch.cat([stats, image_mask_BS.sum().view(1).to(stats.dtype)])
+        stats = stats.tolist()
+        placeholders = stats.pop() if image_mask_BS is not None else None
+        stats = [stats[i : i + 3] for i in range(0, len(stats), 3)]
         k = self.config.spatial_merge_size
         for i, (h, w, valid) in enumerate(stats):
             if h * w != valid or h * w > L:
                 raise ValueError(f"image {i}: spatial_shapes {h}×{w} disagrees with its {valid} valid patches (L={L})")
             if h % k or w % k:
                 raise ValueError(f"image {i}: a {h}×{w} patch grid cannot be merged in {k}×{k} blocks")
-        return [(h, w) for h, w, _ in stats]
+        shapes = [(h, w) for h, w, _ in stats]
+        return shapes if image_mask_BS is None else (shapes, placeholders)
 
     @can_return_tuple
     def get_image_features(
@@ -217,7 +236,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         """(vision tower outputs, (T, D) image tokens) for the images with patches; empty grids are padding slots."""
         keep = [i for i, (h, w) in enumerate(shapes) if h * w > 0]
         if len(keep) < len(shapes):
-            keep_N = torch.tensor(keep, device=pixel_values.device, dtype=torch.long)
+            keep_N = host_to_device(torch.tensor(keep, dtype=torch.long), pixel_values.device)
             pixel_values, pixel_attention_mask = pixel_values[keep_N], pixel_attention_mask[keep_N]
             spatial_shapes, shapes = spatial_shapes[keep_N], [shapes[i] for i in keep]
         return self._encode_and_project(pixel_values, pixel_attention_mask, spatial_shapes, shapes, **kwargs)
@@ -248,7 +267,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         vision = self.config.vision_config
         pixels = torch.zeros(1, k * k, vision.num_channels * vision.patch_size**2, device=device)
         mask = torch.ones(1, k * k, device=device, dtype=torch.long)
-        shapes = torch.tensor([[k, k]], device=device, dtype=torch.long)
+        shapes = torch.full((1, 2), k, device=device, dtype=torch.long)  # no host tensor: no copy, no sync
         return self._encode_and_project(pixels, mask, shapes, [(k, k)])[1]
 
     def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -260,11 +279,14 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def scatter_image_tokens(self, inputs_embeds_BSD, image_mask_BS, image_tokens_TD) -> torch.Tensor:
-        """Put the image tokens, in order, at the placeholder positions. Counts must match exactly."""
+    def scatter_image_tokens(self, inputs_embeds_BSD, image_mask_BS, image_tokens_TD, n_placeholders=None):
+        """Put the image tokens, in order, at the placeholder positions. Counts must match exactly.
+
+        `n_placeholders`, when the caller has read it already, saves a host sync."""
         # The count is checked on the host in eager mode; under torch.compile the read would break the graph.
         if not torch.compiler.is_compiling():
-            n_placeholders = int(image_mask_BS.sum())
+            if n_placeholders is None:
+                n_placeholders = int(image_mask_BS.sum())
             if n_placeholders != image_tokens_TD.shape[0]:
                 raise ValueError(
                     f"Image features and image tokens do not match: the text has {n_placeholders} image tokens "
@@ -301,10 +323,10 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
 
         image_tokens_TD = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            shapes = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes)
-            image_tokens_TD = self._image_tokens(pixel_values, pixel_attention_mask, spatial_shapes, shapes)[1]
             image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
-            inputs_embeds = self.scatter_image_tokens(inputs_embeds, image_mask_BS, image_tokens_TD)
+            shapes, placeholders = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes, image_mask_BS)
+            image_tokens_TD = self._image_tokens(pixel_values, pixel_attention_mask, spatial_shapes, shapes)[1]
+            inputs_embeds = self.scatter_image_tokens(inputs_embeds, image_mask_BS, image_tokens_TD, placeholders)
         elif self.training or (torch.distributed.is_available() and torch.distributed.is_initialized()):
             # A text-only batch still calls the image modules, with a zero contribution, so that sharded ranks
             # (FSDP, ZeRO-3) gather the same parameters in the same order and never wait on each other.
@@ -437,9 +459,9 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
     def loss_targets(self, labels_BS: torch.Tensor) -> torch.Tensor:
         """The labels with the image placeholder, `<boi>` and `<eoi>` ids replaced by `config.ignore_index`."""
         config = self.config
-        image_ids = torch.tensor([config.image_token_id, config.boi_token_id, config.eoi_token_id],
-                                 device=labels_BS.device)
-        return labels_BS.masked_fill(torch.isin(labels_BS, image_ids), config.ignore_index)
+        # Compared one id at a time: a tensor of the ids made here would be a host-to-device copy, a host sync.
+        never = (labels_BS == config.image_token_id) | (labels_BS == config.boi_token_id)
+        return labels_BS.masked_fill(never | (labels_BS == config.eoi_token_id), config.ignore_index)
 
     def _chunked_loss_inputs(self, hidden_BSD, labels_BS, shift_labels_BS):
         """(hidden, labels) for `chunked_causal_lm_loss`, which shifts its labels itself.

@@ -206,6 +206,9 @@ class TrainArguments:
     loss_chunk_size: int | None = field(default=None, metadata={"help": "Chunked linear+cross-entropy over this many "
                                                                         "tokens, no fp32 logits (default: 2048 on GPU, "
                                                                         "0 = plain loss on CPU)."})
+    gc_every: int = field(default=50, metadata={"help": "Python's automatic garbage collection is off while training; "
+                                                         "a young-generation collection runs every this many steps "
+                                                         "on every rank (0: Python's own schedule)."})
     decoder_attention: str | None = field(default=None, metadata={"help": "Attention for the decoder alone, e.g. "
                                                                           "flex_attention (default: flex on GPU, the "
                                                                           "model's on CPU)."})

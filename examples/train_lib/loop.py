@@ -34,14 +34,16 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from modeling_llama3_siglip2.modeling_llama3_siglip2 import host_to_device
 from processing.data import SKIP_REASONS
 from processing.data.health import SkipRateGuard
 
 from .checkpoints import save_checkpoint
+from .gc_policy import GarbageCollection
 from .metrics import ForwardTimer, StepClock, StepLog
 from .preemption import StopRequested, batches_through_sigterm
 from .reporting import FlopModel
-from .step_sync import finite_or_none, gather_step_summary, host_to_device
+from .step_sync import finite_or_none, gather_step_summary
 
 HOST_SYNCS_PER_STEP = 1
 IGNORE_INDEX = -100
@@ -176,7 +178,7 @@ class Trainer:
 
     def global_target_count(self, micro_batches) -> torch.Tensor:
         """Targets of the whole global batch, left on the device: every rank's loss is divided by it."""
-        local = host_to_device([count_targets(micro_batches)], torch.int64, self.accelerator.device)[0]
+        local = host_to_device(torch.tensor([count_targets(micro_batches)]), self.accelerator.device)[0]
         return self.accelerator.reduce(local, "sum")
 
     def forward_backward_step(self, batch, targets: torch.Tensor) -> torch.Tensor:
@@ -229,6 +231,7 @@ class Trainer:
         progress = tqdm(total=self.args.max_steps, initial=state["step"], file=sys.stderr,
                         disable=not accelerator.is_local_main_process)
         self.model.train()
+        collector = GarbageCollection(self.args.gc_every)
         try:
             while state["step"] < self.args.max_steps:
                 self.clock.start_step()
@@ -236,6 +239,7 @@ class Trainer:
                 summary = self.train_step(micro_batches, sample_ids)
                 self.clock.end_step(summary.tokens, summary.straggler_work, summary.straggler_compute)
                 self.record(summary, sample_ids, progress)
+                collector.step(state["step"])
                 if self.evaluate is not None:
                     figures = self.evaluate(state["step"]) or {}
                     self.eval_loss = figures.get("eval_loss", self.eval_loss)
@@ -247,6 +251,7 @@ class Trainer:
                     return False
             return True
         finally:
+            collector.close()
             progress.close()
             self.step_log.close()
 

@@ -33,20 +33,14 @@ from dataclasses import dataclass
 
 import torch
 
+from modeling_llama3_siglip2.modeling_llama3_siglip2 import host_to_device
+
 HOST_FIELDS = ("tokens", "samples", "sample_ids", "samples_seen", "stop", "work", "compute_ms")
 DIGEST_WORDS = 5  # sha1's 160 bits
 
 
 def sample_ids_digest(sample_ids: list) -> bytes:
     return hashlib.sha1(json.dumps(sample_ids, separators=(",", ":")).encode()).digest()
-
-
-def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host numbers as a device tensor without a host sync: a blocking copy to a GPU first waits for its queue."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
 
 
 def straggler_ratio(values) -> float:
@@ -111,7 +105,7 @@ def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: i
     else:  # None where DeepSpeed clips inside its own step
         host.insert(0, math.nan if grad_norm is None else float(grad_norm))
     on_device = [value.detach().to(torch.float64).reshape(1) for value in on_device]
-    vector = torch.cat([*on_device, host_to_device(host, torch.float64, device)])
+    vector = torch.cat([*on_device, host_to_device(torch.tensor(host, dtype=torch.float64), device)])
     rows = accelerator.gather(vector).cpu().view(accelerator.num_processes, -1)  # the host sync
     losses, norms = rows[:, 0], rows[:, 1]
     columns = {name: rows[:, 2 + i] for i, name in enumerate(HOST_FIELDS)}
