@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, LlamaModel, PreTrainedModel, Siglip2VisionModel
 from transformers.activations import ACT2FN
 from transformers.initialization import guard_torch_init_functions
@@ -76,6 +77,13 @@ class Llama3Siglip2MultiModalProjector(nn.Module):
 
     def forward(self, image_tokens_TD: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(image_tokens_TD)))
+
+
+# NaFlex batches bring a new (images, patches) shape almost every step, and packed text rows new mask shapes. cuDNN's
+# attention, which sdpa prefers on Hopper, builds an execution plan on the host for each new shape: ~120 ms in each
+# step whose image shape is new on an H200 (BENCHMARKS.md, "Where the time went"). Flash and memory-efficient
+# attention need no per-shape set-up; sdpa picks among them (and the math fallback) as usual.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
@@ -243,13 +251,14 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
 
     def _encode_and_project(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, shapes, **kwargs):
         N, L, _ = pixel_values_NLP.shape
-        vision_outputs = self.vision_tower(
-            pixel_values=pixel_values_NLP,
-            pixel_attention_mask=pixel_attention_mask_NL,
-            spatial_shapes=spatial_shapes_N2,
-            return_dict=True,
-            **kwargs,
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            vision_outputs = self.vision_tower(
+                pixel_values=pixel_values_NLP,
+                pixel_attention_mask=pixel_attention_mask_NL,
+                spatial_shapes=spatial_shapes_N2,
+                return_dict=True,
+                **kwargs,
+            )
         hidden_NLD = vision_outputs.last_hidden_state
         index_TK = merged_patch_index(shapes, L, self.config.spatial_merge_size, hidden_NLD.device)
         merged_TD = hidden_NLD.reshape(N * L, -1)[index_TK].flatten(1)
@@ -335,14 +344,15 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         if use_cache is None and attention_mask is None and position_ids is not None and cache is None:
             # Position ids without a mask mean packed rows; transformers derives per-sample masks only without a cache.
             use_cache = False
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **cache_kwarg(cache),
-            **kwargs,
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            outputs = self.language_model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **cache_kwarg(cache),
+                **kwargs,
+            )
         return Llama3Siglip2ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,

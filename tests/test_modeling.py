@@ -311,3 +311,27 @@ def test_chunked_loss_setting_gives_the_plain_loss_and_gradients(built):
     torch.testing.assert_close(chunked.loss, plain.loss, atol=1e-6, rtol=1e-6)
     for name in plain_grads:
         torch.testing.assert_close(chunked_grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_attention_never_runs_on_cudnn_whose_per_shape_plans_stall_naflex_steps(built, monkeypatch):
+    """Every sdpa call of the vision tower and the decoder runs with cuDNN attention switched off (its host-side
+    plan for each new shape cost ~120 ms in every step with a new image shape on an H200), and the switch is back
+    on afterwards for the rest of the program."""
+    model, _ = built
+    cudnn_enabled_at_call = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        cudnn_enabled_at_call.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    pv, mask, shapes = naflex_batch([(4, 4), (2, 6)], 64, 4)
+    ids = torch.tensor([sequence_with_images(model.config, [text_ids(3, 1), text_ids(2, 2), text_ids(2, 3)], [16, 12])])
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=shapes)
+    vision_layers = model.config.vision_config.num_hidden_layers
+    text_layers = model.config.text_config.num_hidden_layers
+    assert len(cudnn_enabled_at_call) == vision_layers + text_layers
+    assert not any(cudnn_enabled_at_call)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -354,9 +354,9 @@ def test_the_step_summary_vector_carries_each_ranks_figures_to_their_own_fields(
 
     figures = [
         {"tokens": 100, "samples": 3, "sample_ids": [1, 2, 3], "samples_seen": 30, "skipped": [1, 0, 2],
-         "stop": False, "work": 1e15, "compute_ms": 40.0},
+         "stop": False, "work": 1e15, "compute_ms": 40.0, "compiled": True},
         {"tokens": 300, "samples": 5, "sample_ids": [4, 5, 6, 7, 8], "samples_seen": 50, "skipped": [0, 4, 0],
-         "stop": True, "work": 3e15, "compute_ms": 60.0},
+         "stop": True, "work": 3e15, "compute_ms": 60.0, "compiled": False},
     ]
     rank1 = []
     recorder = SimpleNamespace(device=torch.device("cpu"), num_processes=1,
@@ -368,9 +368,16 @@ def test_the_step_summary_vector_carries_each_ranks_figures_to_their_own_fields(
 
     expected_digest = hashlib.sha1(sample_ids_digest([1, 2, 3]) + sample_ids_digest([4, 5, 6, 7, 8])).hexdigest()
     assert (summary.loss, summary.grad_norm, summary.finite, summary.stop) == (1.25, 2.0, True, True)
+    assert summary.compiled  # rank 0 compiled: a warm-up step for every rank
     assert (summary.tokens, summary.samples, summary.sample_ids, summary.samples_seen) == (400, 8, 8, 80)
     assert (summary.skipped, summary.digest) == ([1, 4, 2], expected_digest)
     assert (summary.straggler_work, summary.straggler_compute) == (1.5, 1.2)
+    for flags in ([False, False], [False, True]):
+        for figure, flag in zip(figures, flags):
+            figure["compiled"] = flag
+        rank1.clear()
+        gather_step_summary(recorder, torch.tensor(0.75), torch.tensor(2.0), **figures[1])
+        assert gather_step_summary(two_ranks, torch.tensor(0.5), torch.tensor(2.0), **figures[0]).compiled == any(flags)
     record = summary.record(7)
     assert (record["straggler_work"], record["straggler_compute"]) == (1.5, 1.2)
 
@@ -420,6 +427,18 @@ def test_the_step_clock_files_each_forward_time_ratio_under_the_step_it_measured
     summary = clock.summary()  # steady: steps 4 to 6 (3 warm-up steps, nothing compiled)
     assert summary["straggler_ratio_work"] == pytest.approx((1.2 + 1.4 + 1.0) / 3)
     assert summary["straggler_ratio_compute"] == pytest.approx((1.5 + 1.1) / 2)  # step 6's was never gathered
+
+
+def test_a_step_in_which_another_rank_compiled_is_warm_up_for_this_one():
+    """Rank 1 compiling at step 6 held rank 0 at the step's collectives: rank 0's clock, told by the step summary,
+    counts steps up to 6 as warm-up although its own compile counters never moved."""
+    from train_lib.metrics import StepClock
+
+    clock = StepClock(1.0, None, 2)
+    for step in range(1, 11):
+        clock.start_step()
+        clock.end_step(10, compiled=step == 6)
+    assert clock.warmup_steps == 6 and clock.summary()["steady_state"]["steps"] == 4
 
 
 def test_the_forward_timer_times_armed_forwards_and_hands_them_over_a_step_late():

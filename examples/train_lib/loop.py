@@ -212,7 +212,8 @@ class Trainer:
         summary = gather_step_summary(
             self.accelerator, loss, grad_norm, tokens=tokens, samples=samples, sample_ids=sample_ids,
             samples_seen=self.pipeline.samples_seen, skipped=skip_vector(self.pipeline.skipped),
-            stop=self.stop.requested, work=work, compute_ms=self.forward_timer.previous_step_ms())
+            stop=self.stop.requested, work=work, compute_ms=self.forward_timer.previous_step_ms(),
+            compiled=self.clock.compiled_this_step())
         if summary.finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -237,7 +238,8 @@ class Trainer:
                 self.clock.start_step()
                 micro_batches, sample_ids = self.next_micro_batches()
                 summary = self.train_step(micro_batches, sample_ids)
-                self.clock.end_step(summary.tokens, summary.straggler_work, summary.straggler_compute)
+                self.clock.end_step(summary.tokens, summary.straggler_work, summary.straggler_compute,
+                                    compiled=summary.compiled)
                 self.record(summary, sample_ids, progress)
                 collector.step(state["step"])
                 if self.evaluate is not None:

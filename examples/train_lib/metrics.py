@@ -3,7 +3,8 @@
 
 Steady state. The first steps of a run are slow for reasons that say nothing about the run's speed: torch.compile
 traces and compiles (each new shape or graph break again), CUDA and the allocator warm up, loader workers start.
-`StepClock` calls a step warm-up while torch._dynamo's compile counters still move, and at least
+`StepClock` calls a step warm-up while torch._dynamo's compile counters still move on any rank (a rank that compiles
+holds the others at the step's collectives; the step summary carries the flag), and at least
 `MIN_WARMUP_STEPS`; the steps after the last one that compiled are steady, and the run's speed is the median of
 theirs, with p10 and p90 for the spread. `compile_seconds` is the time from the loop's start to the first steady
 step; `graph_count` the number of graphs Dynamo compiled.
@@ -94,8 +95,16 @@ class StepClock:
     def start_step(self) -> None:
         self._tick = time.perf_counter()
 
-    def end_step(self, tokens: int, straggler_work: float = math.nan, straggler_compute: float = math.nan) -> None:
-        """`straggler_compute` is the previous step's (see the module doc), and filed under it."""
+    def compiled_this_step(self) -> bool:
+        """Whether this process compiled anything since the last call (the step summary tells the other ranks)."""
+        counters = compile_counters()
+        compiled, self._counters = counters != self._counters, counters
+        return compiled
+
+    def end_step(self, tokens: int, straggler_work: float = math.nan, straggler_compute: float = math.nan,
+                 compiled: bool | None = None) -> None:
+        """`straggler_compute` is the previous step's (see the module doc), and filed under it. `compiled`: whether
+        any rank compiled during the step (from the step summary); None: this process's own counters decide."""
         self.starts.append(self._tick)
         self.seconds.append(time.perf_counter() - self._tick)
         self.tokens.append(tokens)
@@ -103,9 +112,10 @@ class StepClock:
         if self.straggler_compute:
             self.straggler_compute[-1] = straggler_compute
         self.straggler_compute.append(math.nan)
-        counters = compile_counters()
-        if counters != self._counters:
-            self.last_compiling_step, self._counters = len(self.seconds), counters
+        if compiled is None:
+            compiled = self.compiled_this_step()
+        if compiled:
+            self.last_compiling_step = len(self.seconds)
 
     @property
     def warmup_steps(self) -> int:

@@ -2,11 +2,11 @@
 
 Each rank puts its figures for the step into a float64 vector on its device: its part of the loss and the gradient
 norm (device tensors, never read on the host before this), then host-side numbers (tokens, samples, how many
-sample ids, samples so far, whether SIGTERM arrived, the rank's modelled work and its measured forward time, the
+sample ids, samples so far, whether SIGTERM arrived, whether it compiled a graph, the rank's modelled work and its measured forward time, the
 skipped examples so far) and a digest of its sample ids. One all-gather and one copy to the host later (the step's
 only host sync), every rank holds every rank's row and so takes the same decisions: skip the optimizer step when
 any rank's loss or the gradient norm is not finite, stop when any rank was asked to, raise when the data is mostly
-bad.
+bad, and call a step warm-up when any rank compiled in it (the others waited for it at the step's collectives).
 
 Stragglers. Every step ends in collectives that wait for the slowest rank, so a rank given more work than the
 others slows all of them; packing makes ranks' work differ although their row counts agree (tokens, images and
@@ -35,7 +35,7 @@ import torch
 
 from modeling_llama3_siglip2.modeling_llama3_siglip2 import host_to_device
 
-HOST_FIELDS = ("tokens", "samples", "sample_ids", "samples_seen", "stop", "work", "compute_ms")
+HOST_FIELDS = ("tokens", "samples", "sample_ids", "samples_seen", "stop", "compiled", "work", "compute_ms")
 DIGEST_WORDS = 5  # sha1's 160 bits
 
 
@@ -74,6 +74,7 @@ class StepSummary:
     samples_seen: int  # samples the loaders have yielded since the run began (across resumes)
     skipped: list[int]  # examples skipped since the run began, by reason (the caller's order)
     stop: bool  # some rank received SIGTERM
+    compiled: bool  # some rank compiled a graph during the step: all of them waited for it
     digest: str
     straggler_work: float  # the most modelled FLOPs a rank had over the ranks' mean
     straggler_compute: float  # the same for measured forward time, of the previous step (NaN: none measured)
@@ -91,14 +92,15 @@ def finite_or_none(value: float) -> float | None:
 
 def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: int, samples: int, sample_ids: list,
                         samples_seen: int, skipped: list[int], stop: bool, work: float,
-                        compute_ms: float) -> StepSummary:
+                        compute_ms: float, compiled: bool = False) -> StepSummary:
     """All-gather every rank's figures for the step (one collective, one host sync) and sum them.
 
     `work`: this rank's modelled FLOPs for the step; `compute_ms`: its forward time in the previous step, NaN if
     not measured (see the module doc)."""
     device = accelerator.device
     words = struct.unpack(f">{DIGEST_WORDS}I", sample_ids_digest(sample_ids))
-    host = [tokens, samples, len(sample_ids), samples_seen, float(stop), work, compute_ms, *skipped, *words]
+    host = [tokens, samples, len(sample_ids), samples_seen, float(stop), float(compiled), work, compute_ms, *skipped,
+            *words]
     on_device = [loss]
     if torch.is_tensor(grad_norm):
         on_device.append(whole(grad_norm))
@@ -126,6 +128,7 @@ def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: i
         samples_seen=int(columns["samples_seen"].sum()),
         skipped=[int(count) for count in skipped_by_rank.sum(dim=0).tolist()],
         stop=bool(columns["stop"].any()),
+        compiled=bool(columns["compiled"].any()),
         digest=digest,
         straggler_work=straggler_ratio(columns["work"]),
         straggler_compute=straggler_ratio(columns["compute_ms"]),
