@@ -10,9 +10,8 @@ the accelerate config (`examples/accelerate/*.yaml`).
 `train_lib.loop.Trainer` runs the steps, and `finish` saves `final/`, evaluates and writes `report.json`. Besides
 `report.json`, the main process writes `steps.jsonl`: one line per step with the loss and a digest of the samples.
 
-Flags outside the run's config (`train_lib.loop.LoopOptions`, not in `--help`): `--log_sample_ids true` lists every
-rank's sample ids in steps.jsonl; `--test_slow_save_rank R --test_slow_save_seconds S` (a testing aid) makes rank R
-write its part of each checkpoint S seconds late.
+A testing aid outside the run's config and `--help` (`train_lib.loop.LoopOptions`): `--test_slow_save_rank R
+--test_slow_save_seconds S` makes rank R write its part of each checkpoint S seconds late.
 """
 
 from __future__ import annotations

@@ -206,6 +206,9 @@ class TrainArguments:
     loss_chunk_size: int | None = field(default=None, metadata={"help": "Chunked linear+cross-entropy over this many "
                                                                         "tokens, no fp32 logits (default: 2048 on GPU, "
                                                                         "0 = plain loss on CPU)."})
+    log_sample_ids: bool = field(default=False, metadata={"help": "steps.jsonl also lists every rank's sample ids "
+                                                                     "of each step (one more gather a step); the "
+                                                                     "per-step digest is always there."})
     gc_every: int = field(default=50, metadata={"help": "Python's automatic garbage collection is off while training; "
                                                          "a young-generation collection runs every this many steps "
                                                          "on every rank (0: Python's own schedule)."})

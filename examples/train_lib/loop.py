@@ -57,9 +57,8 @@ def host_syncs_per_step(accelerator) -> int:
 
 @dataclass
 class LoopOptions:
-    """Options of the loop that are not part of a run's config: testing aids, and a debugging record."""
+    """Testing aids of the loop, kept out of a run's config and `--help`."""
 
-    log_sample_ids: bool = False  # steps.jsonl also lists every rank's sample ids (one more gather per step)
     test_slow_save_rank: int | None = None  # testing aid: this rank writes its part of each checkpoint late ...
     test_slow_save_seconds: float = 0.0  # ... by this much
 
@@ -266,7 +265,7 @@ class Trainer:
         state["losses"].append(summary.loss if summary.finite else float("nan"))
         self.skipped_examples = skip_counts(summary.skipped)
         record = summary.record(state["step"])
-        if self.options.log_sample_ids:
+        if self.args.log_sample_ids:
             record["sample_ids"] = gather_object([sample_ids])
         self.step_log.append(record)
         self.count_bad_steps(summary)
