@@ -17,6 +17,7 @@ A testing aid outside the run's config and `--help` (`train_lib.loop.LoopOptions
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -169,7 +170,7 @@ def training_figures(trainer, wall: float, resumed) -> dict:
     """report.json's account of the training itself: counts, losses, speed, skips (a collective: all ranks)."""
     state = trainer.state
     steps_run = len(trainer.clock.seconds)
-    finite = [x for x in state["losses"] if x == x]
+    finite = [x for x in state["losses"] if not math.isnan(x)]
     return {
         "steps": state["step"],
         "samples_seen": state["samples_seen"],
