@@ -155,8 +155,8 @@ speed)
     run "speed_${1}_$3" "$1" "$2" "${IMAGES[@]}" --output_dir "$RUNS/speed_${1}_$3"
   done
   # The loader alone (batches per second with the configs' worker count), beside the steps per second above.
-  timeout 60 python3 benchmarks/bench_loader.py --config examples/configs/bench_1b_images.yaml \
-    --data_files "/tmp/images/images-*.parquet" > "$LOGS/loader_headroom.log" 2>&1
+  timeout 90 python3 benchmarks/bench_loader.py --config examples/configs/bench_1b_images.yaml \
+    --data_files "/tmp/images/images-*.parquet" --workers 2 8 --repeats 1 > "$LOGS/loader_headroom.log" 2>&1
   finish speed
   # The 8B config (Llama-3.1-8B + so400m dimensions) on 4 GPUs, with whatever time the call has left.
   LIMIT=${LIMIT_8B:-240} run speed_8b_fsdp2_x4 fsdp2 0,1,2,3 --config examples/configs/llama3_1_8b_siglip2_so400m.yaml \
