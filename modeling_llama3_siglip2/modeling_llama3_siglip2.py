@@ -180,7 +180,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
 
     def _image_shapes(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, image_mask_BS=None):
         """Check the NaFlex trio against each other and the merge; return (h, w) per image and, given the
-        placeholder mask, the number of placeholders, read on the host together (one host sync for both)."""
+        placeholder mask, the flat positions of the placeholders (a host tensor), read together: one host sync."""
         if pixel_values_NLP.dim() != 3:
             raise ValueError(f"pixel_values must be (N, L, P), got shape {tuple(pixel_values_NLP.shape)}")
         N, L, P = pixel_values_NLP.shape
@@ -197,10 +197,10 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         # One host sync for the whole batch: the shapes decide how many image tokens there are.
         stats = torch.cat([spatial_shapes_N2, pixel_attention_mask_NL.sum(-1, keepdim=True)], dim=-1).view(-1)
         if image_mask_BS is not None:
-            stats = torch.cat([stats, image_mask_BS.sum().view(1).to(stats.dtype)])
-        stats = stats.tolist()
-        placeholders = stats.pop() if image_mask_BS is not None else None
-        stats = [stats[i : i + 3] for i in range(0, len(stats), 3)]
+            stats = torch.cat([stats, image_mask_BS.reshape(-1).to(stats.dtype)])
+        stats = stats.cpu()
+        positions = None if image_mask_BS is None else stats[3 * N :].nonzero().squeeze(1)  # on the host: no sync
+        stats = stats[: 3 * N].view(N, 3).tolist()
         k = self.config.spatial_merge_size
         for i, (h, w, valid) in enumerate(stats):
             if h * w != valid or h * w > L:
@@ -208,7 +208,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
             if h % k or w % k:
                 raise ValueError(f"image {i}: a {h}×{w} patch grid cannot be merged in {k}×{k} blocks")
         shapes = [(h, w) for h, w, _ in stats]
-        return shapes if image_mask_BS is None else (shapes, placeholders)
+        return shapes if image_mask_BS is None else (shapes, positions)
 
     @can_return_tuple
     def get_image_features(
@@ -288,21 +288,30 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def scatter_image_tokens(self, inputs_embeds_BSD, image_mask_BS, image_tokens_TD, n_placeholders=None):
+    def scatter_image_tokens(self, inputs_embeds_BSD, image_mask_BS, image_tokens_TD, placeholder_positions=None):
         """Put the image tokens, in order, at the placeholder positions. Counts must match exactly.
 
-        `n_placeholders`, when the caller has read it already, saves a host sync."""
+        `placeholder_positions`, the flat positions (B·S) of the placeholders as a host tensor when the caller has
+        read them already, saves two host syncs: the count's, and the one in `masked_scatter`'s backward (a
+        `masked_select`); `index_copy`'s backward is an `index_select`."""
+        if placeholder_positions is not None:
+            self._check_image_token_count(placeholder_positions.numel(), image_tokens_TD)
+            B, S, D = inputs_embeds_BSD.shape
+            index_T = host_to_device(placeholder_positions, inputs_embeds_BSD.device)
+            image_tokens_TD = image_tokens_TD.to(inputs_embeds_BSD.device, inputs_embeds_BSD.dtype)
+            return inputs_embeds_BSD.reshape(B * S, D).index_copy(0, index_T, image_tokens_TD).view(B, S, D)
         # The count is checked on the host in eager mode; under torch.compile the read would break the graph.
         if not torch.compiler.is_compiling():
-            if n_placeholders is None:
-                n_placeholders = int(image_mask_BS.sum())
-            if n_placeholders != image_tokens_TD.shape[0]:
-                raise ValueError(
-                    f"Image features and image tokens do not match: the text has {n_placeholders} image tokens "
-                    f"(id {self.config.image_token_id}) but the images give {image_tokens_TD.shape[0]} features"
-                )
+            self._check_image_token_count(int(image_mask_BS.sum()), image_tokens_TD)
         image_tokens_TD = image_tokens_TD.to(inputs_embeds_BSD.device, inputs_embeds_BSD.dtype)
         return inputs_embeds_BSD.masked_scatter(image_mask_BS.unsqueeze(-1), image_tokens_TD)
+
+    def _check_image_token_count(self, n_placeholders: int, image_tokens_TD) -> None:
+        if n_placeholders != image_tokens_TD.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text has {n_placeholders} image tokens "
+                f"(id {self.config.image_token_id}) but the images give {image_tokens_TD.shape[0]} features"
+            )
 
     @can_return_tuple
     @accepts_either_cache_name
@@ -333,9 +342,9 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         image_tokens_TD = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
-            shapes, placeholders = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes, image_mask_BS)
+            shapes, positions = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes, image_mask_BS)
             image_tokens_TD = self._image_tokens(pixel_values, pixel_attention_mask, spatial_shapes, shapes)[1]
-            inputs_embeds = self.scatter_image_tokens(inputs_embeds, image_mask_BS, image_tokens_TD, placeholders)
+            inputs_embeds = self.scatter_image_tokens(inputs_embeds, image_mask_BS, image_tokens_TD, positions)
         elif self.training or (torch.distributed.is_available() and torch.distributed.is_initialized()):
             # A text-only batch still calls the image modules, with a zero contribution, so that sharded ranks
             # (FSDP, ZeRO-3) gather the same parameters in the same order and never wait on each other.

@@ -335,3 +335,62 @@ def test_attention_never_runs_on_cudnn_whose_per_shape_plans_stall_naflex_steps(
     assert len(cudnn_enabled_at_call) == vision_layers + text_layers
     assert not any(cudnn_enabled_at_call)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_a_training_step_with_images_reads_the_device_once_and_matches_masked_scatter(built):
+    """Placeholder positions come back with the image shapes in one read, and the image tokens go in with
+    `index_copy`: no `masked_select` (masked_scatter's backward; a host sync on a GPU) and no `.item()` of ours in
+    the step; our one `nonzero` is the positions', taken from the host copy (the plain loss here; the chunked loss
+    keeps its own). transformers' mask code reads two flags (`.all()` checks). The gradients equal the
+    `masked_scatter` path's."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        """Every aten op of the step; for the ones that read device data on the host, the file that called it."""
+
+        def __init__(self):
+            super().__init__()
+            self.ops, self.readers = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops.append(name)
+            if name in ("nonzero", "_local_scalar_dense", "masked_select"):
+                callers = [f.filename for f in traceback.extract_stack() if "/torch/" not in f.filename]
+                self.readers.append((name, "masking_utils" if "masking_utils" in callers[-2] else
+                                     "ours" if "modeling_llama3_siglip2" in callers[-2] else callers[-2]))
+            return func(*args, **(kwargs or {}))
+
+    model, _ = built
+    pv, mask, shapes = naflex_batch([(4, 4), (2, 6)], 64, 4)
+    ids = torch.tensor([sequence_with_images(model.config, [text_ids(3, 1), text_ids(2, 2), text_ids(2, 3)], [16, 12])])
+    inputs = {"input_ids": ids, "pixel_values": pv, "pixel_attention_mask": mask, "spatial_shapes": shapes,
+              "labels": ids}
+
+    def gradients():
+        model.zero_grad()
+        model(**inputs).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    try:
+        with Recorder() as recorder:
+            indexed = gradients()
+        plain = model.model.scatter_image_tokens
+        model.model.scatter_image_tokens = lambda embeds, mask_BS, tokens, positions=None: plain(embeds, mask_BS, tokens)
+        try:
+            scattered = gradients()
+        finally:
+            del model.model.scatter_image_tokens
+    finally:
+        model.zero_grad()
+        model.eval()
+    assert "masked_select" not in recorder.ops and "masked_scatter" not in recorder.ops
+    assert "index_copy" in recorder.ops
+    assert sorted(recorder.readers) == [("_local_scalar_dense", "masking_utils"), ("_local_scalar_dense", "masking_utils"),
+                                        ("nonzero", "ours")]
+    assert indexed.keys() == scattered.keys()
+    for name in indexed:
+        torch.testing.assert_close(indexed[name], scattered[name], msg=name)
