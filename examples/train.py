@@ -101,8 +101,8 @@ def use_fast_path(model, train_args, accelerator) -> None:
     function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa.
 
     ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
-    the whole weight. Its layers stay eager unless `--compile true`: Inductor traced through ZeRO-3's parameter hooks
-    fails on some DeepSpeed releases (BENCHMARKS.md says which ran)."""
+    the whole weight. Its layers stay eager unless `--compile true`, which failed with torch 2.11 and DeepSpeed 0.19.8:
+    Inductor could not lower flex attention in the layers compiled under ZeRO-3's hooks (BENCHMARKS.md)."""
     on_gpu = accelerator.device.type == "cuda"
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3

@@ -180,7 +180,8 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
 
     def _image_shapes(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, image_mask_BS=None):
         """Check the NaFlex trio against each other and the merge; return (h, w) per image and, given the
-        placeholder mask, the flat positions of the placeholders (a host tensor), read together: one host sync."""
+        placeholder mask, the flat positions of the placeholders (a host tensor; else None), read together: one
+        host sync."""
         if pixel_values_NLP.dim() != 3:
             raise ValueError(f"pixel_values must be (N, L, P), got shape {tuple(pixel_values_NLP.shape)}")
         N, L, P = pixel_values_NLP.shape
@@ -208,7 +209,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
             if h % k or w % k:
                 raise ValueError(f"image {i}: a {h}×{w} patch grid cannot be merged in {k}×{k} blocks")
         shapes = [(h, w) for h, w, _ in stats]
-        return shapes if image_mask_BS is None else (shapes, positions)
+        return shapes, positions
 
     @can_return_tuple
     def get_image_features(
@@ -227,7 +228,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         never reach `pooler_output`: SigLIP2's bidirectional mask keeps them out of attention, and the merge skips
         them.
         """
-        shapes = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes)
+        shapes, _ = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes)
         vision_outputs, image_tokens_TD = self._image_tokens(
             pixel_values, pixel_attention_mask, spatial_shapes, shapes, **kwargs
         )
