@@ -23,6 +23,7 @@ class Variant:
     liger_loss: bool = False  # Liger Kernel's fused linear cross-entropy instead of our chunked loss
     compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
     vision_shapes: str = "dynamic"  # encoder layers: "dynamic" (all dims symbolic) or "bucket" (see train_worker)
+    packed_vision: bool = False  # the vision tower over one sequence of all valid patches (static shapes per length)
 
     @property
     def is_baseline(self) -> bool:
@@ -43,6 +44,7 @@ VARIANTS = {
         Variant("all+liger", **{**FULL, "chunked_loss": False}, liger_loss=True),
         Variant("all+autotune", **FULL, compile_mode="max-autotune-no-cudagraphs"),
         Variant("all+bucket", **FULL, vision_shapes="bucket"),
+        Variant("all+vpack", **FULL, packed_vision=True, vision_shapes="static"),
         Variant("all+ckpt", **FULL, checkpointing=True),
         Variant("all@long", **FULL, long=True),
         # Merge 2: four times fewer image tokens in the decoder.

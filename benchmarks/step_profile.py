@@ -43,9 +43,12 @@ class PhaseMarks:
     def __init__(self, model, device: torch.device):
         self.cuda, self.rows, self.current = device.type == "cuda", [], None
         vision, decoder = model.model.vision_tower, model.model.language_model
+        # The tower's first and last modules, which packed images (use_packed_vision) call without the tower's own
+        # forward; transformers < 5.24 keeps them in `vision_model`.
+        inner = getattr(vision, "vision_model", vision)
         self.handles = [
-            vision.register_forward_pre_hook(lambda *_: self.mark("vision_fwd")),
-            vision.register_forward_hook(self._vision_output),
+            inner.embeddings.register_forward_pre_hook(lambda *_: self.mark("vision_fwd")),
+            inner.post_layernorm.register_forward_hook(self._vision_output),
             decoder.register_forward_pre_hook(lambda *_: self.mark("decoder_fwd")),
             decoder.register_forward_hook(lambda *_: self.mark("loss")),
             torch.autograd.graph.register_multi_grad_hook(
@@ -54,7 +57,7 @@ class PhaseMarks:
 
     def _vision_output(self, module, args, output):
         self.mark("vision_end")
-        hidden = output.last_hidden_state
+        hidden = output
         if hidden.requires_grad:
             hidden.register_hook(lambda grad: self.mark("vision_bwd"))
 

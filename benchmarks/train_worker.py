@@ -52,8 +52,10 @@ from benchmarks.train_workload import (
 )
 from modeling_llama3_siglip2.efficient_ops import (
     compile_layers,
+    packed_patch_length,
     use_decoder_attention,
     use_grouped_position_embeddings,
+    use_packed_vision,
 )
 from processing.collator import IGNORE_INDEX, MultimodalPackingCollator
 
@@ -78,14 +80,22 @@ def make_batches(variant: Variant, args, config, count: int) -> list:
                                  variant.merge)
     if variant.vision_shapes == "bucket":
         batches = [bucket_patch_length(b, args.bucket) for b in batches]
-        # One batch of each padded length first, so the warm-up compiles every bucket's graph (a real run compiles
-        # them in its first minutes); the timed steps still come on batches the warm-up has not seen.
+    if variant.vision_shapes in ("bucket", "static"):
+        # One batch of each encoder shape first (padded length, or packed length), so the warm-up compiles every
+        # graph (a real run compiles them in its first minutes); the timed steps still come on unseen batches.
         firsts = {}
         for index, batch in enumerate(batches):
-            firsts.setdefault(batch.tensors["pixel_values"].shape[1], index)
+            firsts.setdefault(encoder_shape(batch, variant), index)
         primed = sorted(firsts.values())
         batches = [batches[i] for i in primed] + [b for i, b in enumerate(batches) if i not in set(primed)]
     return batches
+
+
+def encoder_shape(batch, variant: Variant) -> int:
+    """The length the vision encoder's compiled layers see: the padded L, or the packed sequence's length."""
+    if variant.packed_vision:
+        return packed_patch_length(int(batch.tensors["pixel_attention_mask"].sum()))
+    return batch.tensors["pixel_values"].shape[1]
 
 
 def liger_loss_fn():
@@ -118,6 +128,8 @@ def prepare(model, variant: Variant, args):
     # The model installs the grouped resize by default; variants without it measure transformers' own loop.
     use_grouped_position_embeddings(model.model.vision_tower, enabled=variant.grouped_pos)
     model.config.loss_chunk_size = LOSS_CHUNK if variant.chunked_loss else 0
+    if variant.packed_vision:
+        use_packed_vision(model)
     if variant.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if variant.compiled:

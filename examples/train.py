@@ -37,7 +37,7 @@ from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_
 from train_lib.resume import resume_from
 from transformers import get_scheduler
 
-from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention
+from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention, use_packed_vision
 from processing.data import SkipRateGuard, build_train_dataloader
 
 # Left out of the summary printed at the end (report.json keeps them): one line per step or per sample.
@@ -97,7 +97,8 @@ def make_accelerator(train_args) -> Accelerator:
 
 def use_fast_path(model, train_args, accelerator) -> None:
     """The fastest correct path measured in BENCHMARKS.md, by default on GPU: the chunked loss (no fp32 logits),
-    flex attention for the packed decoder rows (no dense 4-D mask), and compiled layers. Each computes the same
+    flex attention for the packed decoder rows (no dense 4-D mask), packed images in the vision tower (no padding
+    patches), and compiled layers. Each computes the same
     function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa.
 
     ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
@@ -111,8 +112,12 @@ def use_fast_path(model, train_args, accelerator) -> None:
     decoder_attention = train_args.decoder_attention or ("flex_attention" if on_gpu else None)
     if decoder_attention:
         use_decoder_attention(model, decoder_attention)
+    pack_vision = on_gpu if train_args.pack_vision is None else train_args.pack_vision
+    if pack_vision:
+        use_packed_vision(model)
     if train_args.compile if train_args.compile is not None else (on_gpu and not zero3):
-        compile_layers(model)
+        # Packed images have one length a batch, from a bounded set: static shapes for flex attention's kernels.
+        compile_layers(model, vision_shapes="static" if pack_vision else "dynamic")
 
 
 @dataclass

@@ -7,6 +7,8 @@
   matmul for the whole batch with no host sync. `use_grouped_position_embeddings` installs it on a vision tower.
 - `compile_layers` and `use_decoder_attention`: `torch.compile` per repeated layer, and an attention backend for the
   decoder alone (SigLIP2 has no flex attention in transformers).
+- `use_packed_vision`: the vision tower runs over one sequence of every image's valid patches, attention kept within
+  each image, instead of over images padded to the longest (a third of NaFlex patches are padding).
 
 Shape letters:
     B  rows in the batch        S  tokens per row         D  hidden width
@@ -17,9 +19,16 @@ Shape letters:
 Hub-travelling: imports only torch and transformers.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IGNORE_INDEX = -100
 # 2048 tokens × 128k vocabulary is 1 GiB of fp32 logits: large enough to keep the matmul efficient, small next to
@@ -225,6 +234,9 @@ def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", **compile_k
     - "bucket": N symbolic (marked on the encoder's inputs before each call), L static: one graph per padded length,
       for batches whose L is padded to a few sizes (e.g. multiples of 256); padding costs encoder work, but the
       kernels see static lengths.
+    - "static": every dimension static: one graph per input shape. For packed images (`use_packed_vision`), whose
+      one dimension, the packed length, takes few values (`packed_patch_length`); flex attention's kernels then see
+      static lengths. The recompile limit is raised to fit them.
 
     Decoder and encoder layers share transformers' `forward_with_checkpointing` frame, so they count against one
     `torch._dynamo.config.cache_size_limit` (8 by default): two graphs, plus one per bucket.
@@ -232,8 +244,11 @@ def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", **compile_k
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2Encoder, Siglip2EncoderLayer
 
-    if vision_shapes not in ("dynamic", "bucket"):
-        raise ValueError(f'vision_shapes must be "dynamic" or "bucket", got {vision_shapes!r}')
+    if vision_shapes not in ("dynamic", "bucket", "static"):
+        raise ValueError(f'vision_shapes must be "dynamic", "bucket" or "static", got {vision_shapes!r}')
+    if vision_shapes == "static":
+        # Up to 16 packed lengths per doubling of the patch count, and the decoder's graphs share the limit.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     count = 0
     for module in model.modules():
         if isinstance(module, LlamaDecoderLayer):
@@ -265,11 +280,102 @@ def use_decoder_attention(model: nn.Module, implementation: str) -> None:
     model.set_attn_implementation({"text_config": implementation})
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed vision: every image's valid patches in one sequence, with no padding patches.
+
+PACKED_VISION_ATTENTION = "llama3_siglip2_packed_vision"
+# flex attention's block: a packed length is a multiple of it, so no block is partly out of range.
+PACKED_BLOCK = 128
+
+
+def packed_vision_attention(module, query, key, value, attention_mask, **kwargs):
+    """SigLIP2's attention for packed images: flex attention given a `BlockMask` (a GPU skips the blocks between
+    images), transformers' sdpa for any other mask (the padded layout, and packed images on the CPU)."""
+    if isinstance(attention_mask, BlockMask):
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# Registered under its own name, so that other models in the process keep transformers' "sdpa". Padded calls of the
+# vision tower (`get_image_features`) build sdpa's mask for it.
+AttentionInterface.register(PACKED_VISION_ATTENTION, packed_vision_attention)
+AttentionMaskInterface.register(PACKED_VISION_ATTENTION, sdpa_mask)
+
+
+def packed_patch_length(total_patches: int) -> int:
+    """The length a packed sequence of `total_patches` is padded to: a multiple of 2^(bits - 4) and of
+    `PACKED_BLOCK`. At most an eighth more work (plus one block) and at most 16 lengths per doubling of the total,
+    so layers compiled for static shapes make a bounded number of graphs."""
+    granule = max(PACKED_BLOCK, 1 << max(0, total_patches.bit_length() - 4))
+    return max(granule, -(-total_patches // granule) * granule)
+
+
+@dataclass
+class PackedPatchLayout:
+    """Where each image's patches sit in the packed sequence, built on the host (no device read).
+
+    `source_index` (M,): for each packed position, its flat index into the padded (N·L) patches (padding positions
+    repeat patch 0). `document_ids` (M,): the image each position belongs to; padding positions form document N.
+    `image_starts`: the packed offset of each image's first patch."""
+
+    source_index: torch.Tensor
+    document_ids: torch.Tensor
+    image_starts: list[int]
+
+    @classmethod
+    def from_shapes(cls, spatial_shapes: list[tuple[int, int]], max_patches: int) -> "PackedPatchLayout":
+        lengths = torch.tensor([h * w for h, w in spatial_shapes], dtype=torch.long)
+        total = int(lengths.sum())
+        padded = packed_patch_length(total)
+        starts = torch.cumsum(lengths, 0) - lengths
+        document_ids = torch.full((padded,), len(spatial_shapes), dtype=torch.int32)
+        source_index = torch.zeros(padded, dtype=torch.long)
+        document_ids[:total] = torch.repeat_interleave(torch.arange(len(spatial_shapes), dtype=torch.int32), lengths)
+        within_image = torch.arange(total) - torch.repeat_interleave(starts, lengths)
+        source_index[:total] = document_ids[:total].long() * max_patches + within_image
+        return cls(source_index, document_ids, starts.tolist())
+
+
+def packed_attention_mask(document_ids_M: torch.Tensor):
+    """Attention within each document of the packed sequence: a flex `BlockMask` on a GPU (built on the device, no
+    host sync), else a dense (1, 1, M, M) boolean mask for sdpa."""
+    if document_ids_M.device.type == "cuda":
+        def same_image(batch, head, q_index, kv_index):
+            return document_ids_M[q_index] == document_ids_M[kv_index]
+
+        M = document_ids_M.shape[0]
+        return create_block_mask(same_image, None, None, M, M, device=document_ids_M.device)
+    return (document_ids_M[:, None] == document_ids_M[None, :])[None, None]
+
+
+def use_packed_vision(model: nn.Module, enabled: bool = True) -> int:
+    """Encode images packed (see `PackedPatchLayout`) in training forwards of `model`; returns how many models changed.
+
+    The vision tower then attends through `packed_vision_attention`: flex over a block-diagonal mask on a GPU, so
+    neither padding patches nor attention across images cost work. `get_image_features` keeps the padded layout,
+    whose per-image hidden states it returns. Layers compiled with `compile_layers(vision_shapes="static")` make one
+    graph per packed length (`packed_patch_length` bounds them). `enabled=False` restores the padded path and sdpa.
+    """
+    targets = [module for module in model.modules() if hasattr(module, "pack_image_patches")]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} holds no Llama3Siglip2Model")
+    for module in targets:
+        module.pack_image_patches = enabled
+        module.vision_tower.set_attn_implementation(PACKED_VISION_ATTENTION if enabled else "sdpa")
+    return len(targets)
+
+
 __all__ = [
+    "PACKED_VISION_ATTENTION",
+    "PackedPatchLayout",
     "chunked_causal_lm_loss",
     "compile_layers",
     "grouped_resize_positional_embeddings",
+    "packed_attention_mask",
+    "packed_patch_length",
+    "packed_vision_attention",
     "resize_weight_table",
     "use_decoder_attention",
     "use_grouped_position_embeddings",
+    "use_packed_vision",
 ]

@@ -29,7 +29,12 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .compat import CACHE_NAME, accepts_either_cache_name, cache_kwarg, output_cache
 from .configuration_llama3_siglip2 import Llama3Siglip2Config
-from .efficient_ops import chunked_causal_lm_loss, use_grouped_position_embeddings
+from .efficient_ops import (
+    PackedPatchLayout,
+    chunked_causal_lm_loss,
+    packed_attention_mask,
+    use_grouped_position_embeddings,
+)
 from .saved_folder import SavedFolderMixin
 
 
@@ -94,18 +99,24 @@ def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
 
 
-def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int, device) -> torch.Tensor:
+def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int, device,
+                       image_starts: list[int] | None = None) -> torch.Tensor:
     """Flat indices into the (N·L) patches, shaped (T, K): row t lists the k×k patches that become image token t.
 
     Patches sit in raster order within each image (SigLIP2's layout, which its position embeddings assume), so a k×k
     block is not a run of consecutive entries: it is k rows of k patches, one image width apart. Tokens come out
     image by image, in raster order over the blocks; within a token, patches are in raster order over the block.
+    `image_starts` (packed images) gives each image's first patch; by default image n starts at n·max_patches.
     """
-    return host_to_device(_merged_patch_index_on_host(spatial_shapes, max_patches, merge_size), device)
+    return host_to_device(_merged_patch_index_on_host(spatial_shapes, max_patches, merge_size, image_starts), device)
 
 
-def _merged_patch_index_on_host(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int):
+def _merged_patch_index_on_host(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int,
+                                image_starts: list[int] | None = None):
     k, device = merge_size, torch.device("cpu")
+    if image_starts is None:
+        image_starts = [n * max_patches for n in range(len(spatial_shapes))]
+    starts = torch.tensor(image_starts, dtype=torch.long)
     heights = torch.tensor([h for h, _ in spatial_shapes])
     widths = torch.tensor([w for _, w in spatial_shapes])
     tokens_per_image = (heights // k) * (widths // k)
@@ -119,7 +130,7 @@ def _merged_patch_index_on_host(spatial_shapes: list[tuple[int, int]], max_patch
     offsets = torch.arange(k, device=device)
     rows = block_row[:, None, None] * k + offsets[None, :, None]  # (T, k, 1)
     cols = block_col[:, None, None] * k + offsets[None, None, :]  # (T, 1, k)
-    flat = image_of_token[:, None, None] * max_patches + rows * widths[image_of_token][:, None, None] + cols
+    flat = starts[image_of_token][:, None, None] + rows * widths[image_of_token][:, None, None] + cols
     return flat.reshape(total_tokens, k * k)
 
 
@@ -170,6 +181,8 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         use_grouped_position_embeddings(self.vision_tower)
         self.multi_modal_projector = Llama3Siglip2MultiModalProjector(config)
         self.language_model = LlamaModel(config.text_config)
+        # Forwards encode every image's valid patches as one sequence (`efficient_ops.use_packed_vision`).
+        self.pack_image_patches = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -241,16 +254,20 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
             attentions=vision_outputs.attentions,
         )
 
-    def _image_tokens(self, pixel_values, pixel_attention_mask, spatial_shapes, shapes, **kwargs):
-        """(vision tower outputs, (T, D) image tokens) for the images with patches; empty grids are padding slots."""
+    def _image_tokens(self, pixel_values, pixel_attention_mask, spatial_shapes, shapes, packed=False, **kwargs):
+        """(vision tower outputs, (T, D) image tokens) for the images with patches; empty grids are padding slots.
+        Packed (no per-image hidden states to return), the outputs are None."""
         keep = [i for i, (h, w) in enumerate(shapes) if h * w > 0]
         if len(keep) < len(shapes):
             keep_N = host_to_device(torch.tensor(keep, dtype=torch.long), pixel_values.device)
             pixel_values, pixel_attention_mask = pixel_values[keep_N], pixel_attention_mask[keep_N]
             spatial_shapes, shapes = spatial_shapes[keep_N], [shapes[i] for i in keep]
-        return self._encode_and_project(pixel_values, pixel_attention_mask, spatial_shapes, shapes, **kwargs)
+        return self._encode_and_project(pixel_values, pixel_attention_mask, spatial_shapes, shapes, packed, **kwargs)
 
-    def _encode_and_project(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, shapes, **kwargs):
+    def _encode_and_project(self, pixel_values_NLP, pixel_attention_mask_NL, spatial_shapes_N2, shapes, packed=False,
+                            **kwargs):
+        if packed:
+            return None, self._encode_packed_and_project(pixel_values_NLP, spatial_shapes_N2, shapes)
         N, L, _ = pixel_values_NLP.shape
         with sdpa_kernel(SDPA_BACKENDS):
             vision_outputs = self.vision_tower(
@@ -265,6 +282,27 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         merged_TD = hidden_NLD.reshape(N * L, -1)[index_TK].flatten(1)
         return vision_outputs, self.multi_modal_projector(merged_TD)
 
+    def _encode_packed_and_project(self, pixel_values_NLP, spatial_shapes_N2, shapes) -> torch.Tensor:
+        """(T, D) image tokens, the vision tower run over one sequence of all images' valid patches.
+
+        transformers' own SigLIP2 modules, called one by one: the embeddings (on the padded layout, where the
+        position grid is resized per image), the encoder layers over the packed patches with attention kept within
+        each image (`packed_attention_mask`), the final norm. Padding patches never enter the encoder, so the result
+        is the padded path's for every valid patch."""
+        # transformers < 5.24 keeps the modules one level down, in `vision_model` (Siglip2VisionTransformer).
+        vision = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        N, L, _ = pixel_values_NLP.shape
+        device = pixel_values_NLP.device
+        layout = PackedPatchLayout.from_shapes(shapes, L)
+        with sdpa_kernel(SDPA_BACKENDS):
+            embeddings_NLD = vision.embeddings(pixel_values_NLP, spatial_shapes_N2)
+            packed_1MD = embeddings_NLD.reshape(N * L, -1).index_select(0, host_to_device(layout.source_index, device))
+            mask = packed_attention_mask(host_to_device(layout.document_ids, device))
+            hidden_1MD = vision.encoder(inputs_embeds=packed_1MD[None], attention_mask=mask).last_hidden_state
+            hidden_MD = vision.post_layernorm(hidden_1MD)[0]
+        index_TK = merged_patch_index(shapes, L, self.config.spatial_merge_size, device, layout.image_starts)
+        return self.multi_modal_projector(hidden_MD[index_TK].flatten(1))
+
     def _dummy_image_features(self, device: torch.device) -> torch.Tensor:
         """Run both image modules on one k×k blank image, so every rank calls the same modules (FSDP, ZeRO-3).
 
@@ -278,7 +316,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         pixels = torch.zeros(1, k * k, vision.num_channels * vision.patch_size**2, device=device)
         mask = torch.ones(1, k * k, device=device, dtype=torch.long)
         shapes = torch.full((1, 2), k, device=device, dtype=torch.long)  # no host tensor: no copy, no sync
-        return self._encode_and_project(pixels, mask, shapes, [(k, k)])[1]
+        return self._encode_and_project(pixels, mask, shapes, [(k, k)], packed=self.pack_image_patches)[1]
 
     def image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
         """(B, S) mask of the image placeholder positions, from ids or, without them, from the embeddings."""
@@ -344,7 +382,9 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
             shapes, positions = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes, image_mask_BS)
-            image_tokens_TD = self._image_tokens(pixel_values, pixel_attention_mask, spatial_shapes, shapes)[1]
+            image_tokens_TD = self._image_tokens(
+                pixel_values, pixel_attention_mask, spatial_shapes, shapes, packed=self.pack_image_patches
+            )[1]
             inputs_embeds = self.scatter_image_tokens(inputs_embeds, image_mask_BS, image_tokens_TD, positions)
         elif self.training or (torch.distributed.is_available() and torch.distributed.is_initialized()):
             # A text-only batch still calls the image modules, with a zero contribution, so that sharded ranks

@@ -181,3 +181,23 @@ def test_tensor_parallel_from_pretrained_gives_the_single_gpu_outputs(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count(": OK") == 4, result.stdout
+
+
+def test_packed_vision_with_flex_matches_padded_images_in_bf16(gpu_model):
+    """On a GPU packed images attend through flex attention's BlockMask; loss and gradients are the padded path's."""
+    import copy
+
+    from modeling_llama3_siglip2.efficient_ops import use_packed_vision
+
+    from .test_packed_vision import images_and_text, loss_and_gradients
+
+    model = copy.deepcopy(gpu_model[0]).train()
+    k = model.config.spatial_merge_size
+    batch = {key: t.cuda() for key, t in images_and_text(model, [(8, 8), (2 * k, 6 * k), (k, k), (6, 4)], 3).items()}
+    padded_loss, padded_grads = loss_and_gradients(model, batch)
+    use_packed_vision(model)
+    packed_loss, packed_grads = loss_and_gradients(model, batch)
+    torch.testing.assert_close(packed_loss.float(), padded_loss.float(), **BF16)
+    for name, want in padded_grads.items():
+        error = (packed_grads[name].float() - want.float()).norm()
+        assert error <= 5e-2 * want.float().norm() + 1e-3, f"{name}: {error:.2e} against {want.float().norm():.2e}"

@@ -215,6 +215,9 @@ class TrainArguments:
     decoder_attention: str | None = field(default=None, metadata={"help": "Attention for the decoder alone, e.g. "
                                                                           "flex_attention (default: flex on GPU, the "
                                                                           "model's on CPU)."})
+    pack_vision: bool | None = field(default=None, metadata={"help": "Encode each batch's images as one sequence of "
+                                                                      "their valid patches, no padding patches "
+                                                                      "(default: on GPU, off on CPU)."})
 
 
 SECTIONS = (ModelArguments, DataArguments, TrainArguments)
