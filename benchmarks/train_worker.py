@@ -67,7 +67,8 @@ LOSS_CHUNK = 2048
 
 def make_batches(variant: Variant, args, config, count: int) -> list:
     workload = args.workload
-    samples = make_samples(count * (workload.batch_size if variant.is_baseline else 64), workload, config,
+    per_batch = workload.batch_size if variant.is_baseline else 32 * workload.rows  # ~20 samples fill a row
+    samples = make_samples(count * per_batch, workload, config,
                            seed=variant.merge)
     stream, pad = iter(samples), TokenIds(config.text_config.vocab_size).pad
     if variant.is_baseline:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -337,15 +337,53 @@ class PackedPatchLayout:
 
 
 def packed_attention_mask(document_ids_M: torch.Tensor):
-    """Attention within each document of the packed sequence: a flex `BlockMask` on a GPU (built on the device, no
-    host sync), else a dense (1, 1, M, M) boolean mask for sdpa."""
+    """Attention within each document of the packed sequence: a flex `BlockMask` on a GPU, else a dense (1, 1, M, M)
+    boolean mask for sdpa."""
     if document_ids_M.device.type == "cuda":
-        def same_image(batch, head, q_index, kv_index):
-            return document_ids_M[q_index] == document_ids_M[kv_index]
-
-        M = document_ids_M.shape[0]
-        return create_block_mask(same_image, None, None, M, M, device=document_ids_M.device)
+        return document_block_mask(document_ids_M[None], causal=False)
     return (document_ids_M[:, None] == document_ids_M[None, :])[None, None]
+
+
+def document_block_mask(document_ids_BS: torch.Tensor, causal: bool, block_size: int = PACKED_BLOCK) -> BlockMask:
+    """Flex attention's `BlockMask` for rows of whole documents: a token attends to the tokens of its own document
+    (and, if `causal`, only to earlier ones).
+
+    Document ids must not decrease along a row (packed samples, one after another), and S must be a multiple of
+    `block_size`. Then the first and last id of each block say which block pairs meet a document (partial) and
+    which lie inside one document (full), on (S/block)² booleans: no (S × S) evaluation of the mask, as
+    `create_block_mask` makes, and no host sync. The mask function is applied only inside partial blocks.
+    """
+    B, S = document_ids_BS.shape
+    if S % block_size:
+        raise ValueError(f"rows of {S} tokens are not a whole number of {block_size}-token blocks")
+    blocks = document_ids_BS.view(B, S // block_size, block_size)
+    first, last = blocks[..., 0], blocks[..., -1]
+    q_first, q_last, kv_first, kv_last = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
+    meets = (kv_last >= q_first) & (kv_first <= q_last)
+    inside_one = (q_first == q_last) & (kv_first == kv_last) & (q_first == kv_first)
+    if causal:
+        index = torch.arange(S // block_size, device=document_ids_BS.device)
+        meets &= index[:, None] >= index[None, :]
+        inside_one &= index[:, None] > index[None, :]  # diagonal blocks are causal inside: partial
+
+    def ordered(blocks_BQK):
+        """(count, indices) per query block, indices of the blocks it needs first: flex's sparse layout."""
+        indices = torch.argsort(blocks_BQK.int(), dim=-1, descending=True, stable=True).int()
+        return blocks_BQK.sum(-1, dtype=torch.int32)[:, None], indices[:, None]
+
+    def same_document(batch, head, q_index, kv_index):
+        same = document_ids_BS[batch, q_index] == document_ids_BS[batch, kv_index]
+        return same & (q_index >= kv_index) if causal else same
+
+    return BlockMask.from_kv_blocks(*ordered(meets & ~inside_one), *ordered(inside_one), BLOCK_SIZE=block_size,
+                                    mask_mod=same_document, seq_lengths=(S, S))
+
+
+def packed_causal_block_mask(position_ids_BS: torch.Tensor) -> BlockMask:
+    """The decoder's mask for packed rows as a flex `BlockMask`: causal within each sample, where a sample starts
+    wherever the position does not follow the one before (transformers' `find_packed_sequence_indices`)."""
+    previous = torch.cat([position_ids_BS[:, :1] - 1, position_ids_BS[:, :-1]], dim=-1)
+    return document_block_mask((position_ids_BS - previous != 1).cumsum(-1), causal=True)
 
 
 def use_packed_vision(model: nn.Module, enabled: bool = True) -> int:
@@ -370,8 +408,10 @@ __all__ = [
     "PackedPatchLayout",
     "chunked_causal_lm_loss",
     "compile_layers",
+    "document_block_mask",
     "grouped_resize_positional_embeddings",
     "packed_attention_mask",
+    "packed_causal_block_mask",
     "packed_patch_length",
     "packed_vision_attention",
     "resize_weight_table",

@@ -30,9 +30,11 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from .compat import CACHE_NAME, accepts_either_cache_name, cache_kwarg, output_cache
 from .configuration_llama3_siglip2 import Llama3Siglip2Config
 from .efficient_ops import (
+    PACKED_BLOCK,
     PackedPatchLayout,
     chunked_causal_lm_loss,
     packed_attention_mask,
+    packed_causal_block_mask,
     use_grouped_position_embeddings,
 )
 from .saved_folder import SavedFolderMixin
@@ -303,6 +305,18 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         index_TK = merged_patch_index(shapes, L, self.config.spatial_merge_size, device, layout.image_starts)
         return self.multi_modal_projector(hidden_MD[index_TK].flatten(1))
 
+    def _builds_packed_block_mask(self, attention_mask, position_ids, cache, use_cache, inputs_embeds) -> bool:
+        """Packed rows for a flex decoder, with no cache: the case `packed_causal_block_mask` covers."""
+        return (
+            self.language_model.config._attn_implementation == "flex_attention"
+            and attention_mask is None
+            and cache is None
+            and use_cache is False
+            and position_ids is not None
+            and position_ids.shape == inputs_embeds.shape[:2]
+            and inputs_embeds.shape[1] % PACKED_BLOCK == 0
+        )
+
     def _dummy_image_features(self, device: torch.device) -> torch.Tensor:
         """Run both image modules on one k×k blank image, so every rank calls the same modules (FSDP, ZeRO-3).
 
@@ -394,6 +408,10 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         if use_cache is None and attention_mask is None and position_ids is not None and cache is None:
             # Position ids without a mask mean packed rows; transformers derives per-sample masks only without a cache.
             use_cache = False
+        if self._builds_packed_block_mask(attention_mask, position_ids, cache, use_cache, inputs_embeds):
+            # The same per-sample causal mask transformers would build for flex, from block summaries: its builder
+            # evaluates the mask at every (S × S) position on the host's behalf and reads the device once.
+            attention_mask = packed_causal_block_mask(position_ids)
         with sdpa_kernel(SDPA_BACKENDS):
             outputs = self.language_model(
                 attention_mask=attention_mask,

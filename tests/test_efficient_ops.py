@@ -242,3 +242,64 @@ def test_compiled_layers_compute_what_the_eager_layers_compute(built):
     traced = set().union(*traced_ops)
     assert any("silu" in op for op in traced), "no Llama layer was traced"
     assert any("layer_norm" in op for op in traced), "no SigLIP2 layer was traced"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.lists(st.integers(1, 300), min_size=1, max_size=40), st.booleans())
+def test_document_block_mask_has_create_block_masks_blocks(blocks, B, sample_lengths, causal):
+    """Block summaries against flex's own builder, which evaluates the mask at every position."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from modeling_llama3_siglip2.efficient_ops import document_block_mask
+
+    S = 128 * blocks
+    rows = []
+    for b in range(B):  # each row its own rotation of the sample lengths; ids repeat nothing across rows
+        lengths = sample_lengths[b % len(sample_lengths):] + sample_lengths[: b % len(sample_lengths)]
+        row = [doc for doc, n in enumerate(lengths * (S // sum(lengths) + 1)) for _ in range(n)]
+        rows.append(row[:S])
+    ids = torch.tensor(rows)
+    ours = document_block_mask(ids, causal=causal)
+
+    def reference_mod(b, h, q, kv):
+        same = ids[b, q] == ids[b, kv]
+        return same & (q >= kv) if causal else same
+
+    reference = create_block_mask(reference_mod, B, None, S, S, device="cpu")
+    assert torch.equal(ours.to_dense(), reference.to_dense())
+    assert torch.equal(ours.kv_num_blocks, reference.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, reference.full_kv_num_blocks)
+    q, kv = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    for b in range(B):
+        assert torch.equal(ours.mask_mod(torch.tensor(b), torch.tensor(0), q, kv), reference_mod(b, 0, q, kv))
+
+
+def test_flex_decoder_gets_our_packed_mask_and_transformers_output(built):
+    """Packed rows with a flex decoder: the model passes `packed_causal_block_mask`, and the decoder's output is the
+    one it gives with the mask transformers builds (flex forward on the CPU)."""
+    import copy
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from modeling_llama3_siglip2.efficient_ops import packed_causal_block_mask
+
+    # transformers compiles flex attention; a graph made dynamic by another test's shapes hits a bug in
+    # Inductor's CPU flex template (undeclared `cur_qSplitSize8`), so each CPU flex test starts from no graphs.
+    torch._dynamo.reset()
+    model = copy.deepcopy(built[0]).eval()
+    use_decoder_attention(model, "flex_attention")
+    lengths = [100, 3, 60, 93, 1, 127, 128]
+    position_ids = torch.tensor([[p for n in lengths for p in range(n)][:256], list(range(256))])
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(10, 200, (2, 256), generator=generator)
+    masks = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        embeds = model.get_input_embeddings()(input_ids)
+        theirs = model.model.language_model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+    hook.remove()
+    assert isinstance(masks[0], BlockMask) and masks[1] is None
+    torch.testing.assert_close(masks[0].to_dense(), packed_causal_block_mask(position_ids).to_dense())
+    torch.testing.assert_close(hidden, theirs.last_hidden_state, rtol=1e-4, atol=1e-5)

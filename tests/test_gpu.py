@@ -201,3 +201,21 @@ def test_packed_vision_with_flex_matches_padded_images_in_bf16(gpu_model):
     for name, want in padded_grads.items():
         error = (packed_grads[name].float() - want.float()).norm()
         assert error <= 5e-2 * want.float().norm() + 1e-3, f"{name}: {error:.2e} against {want.float().norm():.2e}"
+
+
+def test_flex_decoder_with_our_packed_mask_matches_transformers_mask_in_bf16(gpu_model):
+    """The model's own BlockMask for packed rows (`packed_causal_block_mask`) against the one transformers builds."""
+    import copy
+
+    from modeling_llama3_siglip2.efficient_ops import use_decoder_attention
+
+    model = copy.deepcopy(gpu_model[0])
+    use_decoder_attention(model, "flex_attention")
+    lengths = [100, 3, 60, 93, 1, 127, 128]
+    position_ids = torch.tensor([[p for n in lengths for p in range(n)][:256], list(range(256))]).cuda()
+    input_ids = torch.randint(10, 200, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        ours = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        embeds = model.get_input_embeddings()(input_ids)
+        theirs = model.model.language_model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+    torch.testing.assert_close(ours.float(), theirs.last_hidden_state.float(), **BF16)
