@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_scaleout.sh check   # DDP, FSDP2, ZeRO-2, ZeRO-3 on 4 GPUs (and DDP on 2), mixed data, 30 steps;
 #                                           # SIGKILL + exact resume; 4 -> 2 and 2 -> 4; ZeRO refusal; two nodes
 #   bash benchmarks/gpu_scaleout.sh speed   # tokens/s per GPU on 1, 2 and 4 GPUs (FSDP2), ZeRO-3 and DDP on 4,
-#                                           # loader headroom, then the 8B config on 4
+#                                           # loader headroom, then the 8B config on 4 (SPEED_JOBS narrows the
+#                                           # jobs; SKIP_EXTRAS=1 skips the loader and the 8B)
 #
 # `check` is about correctness, not speed, so its jobs share the GPUs: every job of a wave starts at once (a 4-GPU
 # job and a 2-GPU job on the same cards is fine for a 100M model), which makes the phase minutes instead of a
@@ -150,10 +151,13 @@ speed)
           --max_steps ${STEPS:-50} --checkpoint_every 0 --report_to none)
   LIMIT=${LIMIT:-150}
   # One job at a time, alone on its GPUs: per-GPU tokens/s on 1, 2 and 4 (FSDP2), then ZeRO-3 and DDP on 4.
-  for job in "fsdp2 0 x1" "fsdp2 0,1 x2" "fsdp2 0,1,2,3 x4" "deepspeed_zero3 0,1,2,3 x4" "ddp 0,1,2,3 x4"; do
+  # SPEED_JOBS narrows the list (e.g. "fsdp2 0 x1;fsdp2 0,1 x2;fsdp2 0,1,2,3 x4" when device time is short).
+  IFS=';' read -r -a JOBS <<<"${SPEED_JOBS:-fsdp2 0 x1;fsdp2 0,1 x2;fsdp2 0,1,2,3 x4;deepspeed_zero3 0,1,2,3 x4;ddp 0,1,2,3 x4}"
+  for job in "${JOBS[@]}"; do
     set -- $job
     run "speed_${1}_$3" "$1" "$2" "${IMAGES[@]}" --output_dir "$RUNS/speed_${1}_$3"
   done
+  [ "${SKIP_EXTRAS:-0}" = 1 ] && { finish speed; exit 0; }
   # The loader alone (batches per second with the configs' worker count), beside the steps per second above.
   timeout 90 python3 benchmarks/bench_loader.py --config examples/configs/bench_1b_images.yaml \
     --data_files "/tmp/images/images-*.parquet" --workers 2 8 --repeats 1 > "$LOGS/loader_headroom.log" 2>&1

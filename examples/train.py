@@ -97,8 +97,8 @@ def make_accelerator(train_args) -> Accelerator:
 
 def use_fast_path(model, train_args, accelerator) -> None:
     """The fastest correct path measured in BENCHMARKS.md, by default on GPU: the chunked loss (no fp32 logits),
-    flex attention for the packed decoder rows (no dense 4-D mask), packed images in the vision tower (no padding
-    patches), and compiled layers. Each computes the same
+    flex attention for the packed decoder rows (no dense 4-D mask), and compiled layers; with `--pack_vision`,
+    packed images in the vision tower (no padding patches). Each computes the same
     function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa.
 
     ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
@@ -112,7 +112,7 @@ def use_fast_path(model, train_args, accelerator) -> None:
     decoder_attention = train_args.decoder_attention or ("flex_attention" if on_gpu else None)
     if decoder_attention:
         use_decoder_attention(model, decoder_attention)
-    pack_vision = on_gpu if train_args.pack_vision is None else train_args.pack_vision
+    pack_vision = train_args.pack_vision
     if pack_vision:
         use_packed_vision(model)
     if train_args.compile if train_args.compile is not None else (on_gpu and not zero3):
