@@ -4,6 +4,7 @@ and shows skipped examples while training (tests/test_train_distributed.py has t
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -110,6 +111,17 @@ def test_injected_nan_steps_are_skipped_and_counted(tmp_path):
     report = run_in_process("--output_dir", tmp_path, "--max_steps", 8, "--inject_nan_steps", "3,4")
     assert report["steps"] == 8
     assert report["skipped_steps"] == 2
+
+
+def test_profile_steps_writes_a_trace_and_the_loops_phases(tmp_path):
+    run_in_process("--output_dir", tmp_path, "--max_steps", 3, "--profile_steps", 2, "--eval_samples", 0)
+    table = (tmp_path / "profile" / "rank0.txt").read_text()
+    assert table.startswith("rank 0: the last 2 steps")
+    for phase in ("next_batch", "forward_backward", "step_summary", "optimizer", "bookkeeping"):
+        assert f"trainer/{phase}" in table and "(2 calls)" in table.split(f"trainer/{phase}")[1].splitlines()[0]
+    assert "aten::mm" in table
+    with gzip.open(tmp_path / "profile" / "rank0.trace.json.gz") as trace:
+        assert any(event.get("name") == "trainer/optimizer" for event in json.load(trace)["traceEvents"])
 
 
 def test_too_many_consecutive_bad_steps_stop_the_run(tmp_path):

@@ -205,7 +205,7 @@ def test_two_nodes_write_once_per_job_and_show_progress_once_per_node(tmp_path):
     report.json, final/ and steps.jsonl are written once for the job, the summary printed once, and each node
     shows its own progress bar."""
     output_dir = tmp_path / "run"
-    common = ["--output_dir", output_dir, "--checkpoint_every", 2]
+    common = ["--output_dir", output_dir, "--checkpoint_every", 2, "--profile_steps", 1]
     for max_steps, resume in ((2, []), (4, ["--resume_from_checkpoint", "latest"])):
         port = str(free_port())
         nodes = [start(*common, "--max_steps", max_steps, *resume, processes=1,
@@ -220,6 +220,10 @@ def test_two_nodes_write_once_per_job_and_show_progress_once_per_node(tmp_path):
     assert json.loads((output_dir / "report.json").read_text())["steps"] == 4
     assert (output_dir / "final" / "model.safetensors").exists()
     assert [Path(p).name for p in complete_checkpoints(str(output_dir))] == ["step-2", "step-4"]
+    # Per rank, not per node or job: each rank profiled its own last step.
+    assert sorted(p.name for p in (output_dir / "profile").iterdir()) == [
+        "rank0.trace.json.gz", "rank0.txt", "rank1.trace.json.gz", "rank1.txt"]
+    assert all("the last 1 steps" in (output_dir / "profile" / f"rank{r}.txt").read_text() for r in (0, 1))
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_0_then_resumes(tmp_path):

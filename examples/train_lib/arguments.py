@@ -215,6 +215,9 @@ class TrainArguments:
     decoder_attention: str | None = field(default=None, metadata={"help": "Attention for the decoder alone, e.g. "
                                                                           "flex_attention (default: flex on GPU, the "
                                                                           "model's on CPU)."})
+    profile_steps: int = field(default=0, metadata={"help": "torch.profiler over the last this many steps, on every "
+                                                          "rank: profile/rank{R}.trace.json.gz and rank{R}.txt "
+                                                          "(operators by host and device time) in output_dir."})
     pack_vision: bool = field(default=False, metadata={"help": "Encode each batch's images as one sequence of their "
                                                                 "valid patches, no padding patches: 9 per cent faster "
                                                                 "steps in the benchmark, 2 in the merge-2 trainer, for "

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from modeling_llama3_siglip2.modeling_llama3_siglip2 import host_to_device
@@ -42,6 +43,7 @@ from .checkpoints import save_checkpoint
 from .gc_policy import GarbageCollection
 from .metrics import ForwardTimer, StepClock, StepLog
 from .preemption import StopRequested, batches_through_sigterm
+from .profiling import LastStepsProfiler
 from .reporting import FlopModel
 from .step_sync import finite_or_none, gather_step_summary
 
@@ -206,13 +208,24 @@ class Trainer:
         tokens, samples = batch_counts(micro_batches, self.pad_token_id)  # on the host, before the batches move
         work = self.flop_model.flops(tokens, attention_pairs(micro_batches, self.pad_token_id))
         targets = self.global_target_count(micro_batches)
-        loss = torch.stack([self.forward_backward_step(batch, targets) for batch in micro_batches]).sum()
+        with record_function("trainer/forward_backward"):
+            loss = torch.stack([self.forward_backward_step(batch, targets) for batch in micro_batches]).sum()
         grad_norm = self.clip_gradients()
-        summary = gather_step_summary(
+        with record_function("trainer/step_summary"):  # the host waits here for the step's device work
+            summary = self._gather_summary(loss, grad_norm, tokens, samples, sample_ids, work)
+        with record_function("trainer/optimizer"):
+            self.optimizer_step(summary)
+        self.optimizer.zero_grad(set_to_none=True)
+        return summary
+
+    def _gather_summary(self, loss, grad_norm, tokens, samples, sample_ids, work):
+        return gather_step_summary(
             self.accelerator, loss, grad_norm, tokens=tokens, samples=samples, sample_ids=sample_ids,
             samples_seen=self.pipeline.samples_seen, skipped=skip_vector(self.pipeline.skipped),
             stop=self.stop.requested, work=work, compute_ms=self.forward_timer.previous_step_ms(),
             compiled=self.clock.compiled_this_step())
+
+    def optimizer_step(self, summary) -> None:
         if summary.finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -220,8 +233,6 @@ class Trainer:
             # fp16: the gradients overflowed. GradScaler's step sees it, skips the update and lowers its scale;
             # without it the scale would stay too high and every later step overflow too.
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return summary
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -232,15 +243,20 @@ class Trainer:
                         disable=not accelerator.is_local_main_process)
         self.model.train()
         collector = GarbageCollection(self.args.gc_every)
+        profiler = LastStepsProfiler(self.args.profile_steps, self.args.max_steps, self.args.output_dir,
+                                     accelerator.process_index, accelerator.device)
         try:
             while state["step"] < self.args.max_steps:
+                profiler.before_step(state["step"] + 1)
                 self.clock.start_step()
-                micro_batches, sample_ids = self.next_micro_batches()
+                with record_function("trainer/next_batch"):
+                    micro_batches, sample_ids = self.next_micro_batches()
                 summary = self.train_step(micro_batches, sample_ids)
                 self.clock.end_step(summary.tokens, summary.straggler_work, summary.straggler_compute,
                                     compiled=summary.compiled)
-                self.record(summary, sample_ids, progress)
-                collector.step(state["step"])
+                with record_function("trainer/bookkeeping"):
+                    self.record(summary, sample_ids, progress)
+                    collector.step(state["step"])
                 if self.evaluate is not None:
                     figures = self.evaluate(state["step"]) or {}
                     self.eval_loss = figures.get("eval_loss", self.eval_loss)
@@ -252,6 +268,7 @@ class Trainer:
                     return False
             return True
         finally:
+            profiler.finish()
             collector.close()
             progress.close()
             self.step_log.close()
