@@ -59,8 +59,8 @@ def images_and_text(model, shapes, seed):
     ]
     width = max(map(len, rows))
     input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
-    return dict(input_ids=input_ids, pixel_values=pixel_values, pixel_attention_mask=mask,
-                spatial_shapes=spatial_shapes, labels=input_ids.clone())
+    return {"input_ids": input_ids, "pixel_values": pixel_values, "pixel_attention_mask": mask,
+            "spatial_shapes": spatial_shapes, "labels": input_ids.clone()}
 
 
 def loss_and_gradients(model, batch):

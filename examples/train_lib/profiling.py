@@ -52,8 +52,8 @@ class LastStepsProfiler:
         with open(f"{stem}.txt", "w") as table:
             table.write(f"rank {self.rank}: the last {self.steps} steps; totals over them\n\n")
             table.write("The loop's phases (host time including what they call, ms):\n")
-            for event in sorted((e for e in averages if e.key.startswith("trainer/")), key=lambda e: e.key):
-                table.write(f"  {event.key:<28} {event.cpu_time_total / 1e3:10.1f}  ({event.count} calls)\n")
+            phases = sorted((e for e in averages if e.key.startswith("trainer/")), key=lambda e: e.key)
+            table.writelines(f"  {e.key:<28} {e.cpu_time_total / 1e3:10.1f}  ({e.count} calls)\n" for e in phases)
             table.write("\n")
             table.write("By host (CPU) time, self:\n")
             table.write(averages.table(sort_by="self_cpu_time_total", row_limit=TABLE_ROWS))
