@@ -117,8 +117,9 @@ def _merged_patch_index_on_host(spatial_shapes: list[tuple[int, int]], max_patch
                                 image_starts: list[int] | None = None):
     k, device = merge_size, torch.device("cpu")
     if image_starts is None:
-        image_starts = [n * max_patches for n in range(len(spatial_shapes))]
-    starts = torch.tensor(image_starts, dtype=torch.long)
+        starts = torch.arange(len(spatial_shapes)) * max_patches
+    else:
+        starts = torch.tensor(image_starts, dtype=torch.long)
     heights = torch.tensor([h for h, _ in spatial_shapes])
     widths = torch.tensor([w for _, w in spatial_shapes])
     tokens_per_image = (heights // k) * (widths // k)

@@ -212,18 +212,15 @@ class Trainer:
             loss = torch.stack([self.forward_backward_step(batch, targets) for batch in micro_batches]).sum()
         grad_norm = self.clip_gradients()
         with record_function("trainer/step_summary"):  # the host waits here for the step's device work
-            summary = self._gather_summary(loss, grad_norm, tokens, samples, sample_ids, work)
+            summary = gather_step_summary(
+                self.accelerator, loss, grad_norm, tokens=tokens, samples=samples, sample_ids=sample_ids,
+                samples_seen=self.pipeline.samples_seen, skipped=skip_vector(self.pipeline.skipped),
+                stop=self.stop.requested, work=work, compute_ms=self.forward_timer.previous_step_ms(),
+                compiled=self.clock.compiled_this_step())
         with record_function("trainer/optimizer"):
             self.optimizer_step(summary)
         self.optimizer.zero_grad(set_to_none=True)
         return summary
-
-    def _gather_summary(self, loss, grad_norm, tokens, samples, sample_ids, work):
-        return gather_step_summary(
-            self.accelerator, loss, grad_norm, tokens=tokens, samples=samples, sample_ids=sample_ids,
-            samples_seen=self.pipeline.samples_seen, skipped=skip_vector(self.pipeline.skipped),
-            stop=self.stop.requested, work=work, compute_ms=self.forward_timer.previous_step_ms(),
-            compiled=self.clock.compiled_this_step())
 
     def optimizer_step(self, summary) -> None:
         if summary.finite:
