@@ -218,12 +218,18 @@ def main():
             report["disk_full_error"] = str(error)
         report["checkpoints_after"] = sorted(os.listdir(os.path.join(output_dir, "checkpoints")))
     write_report()
-    # Every rank done with every collective before the process group goes: once (1 in ~17 CI runs) both ranks
-    # aborted at the end ("terminate called without an active exception"), as gloo does when its worker threads
-    # still hold a collective's work while the group is torn down.
+    # Every rank done with every collective before the process group goes.
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
 if __name__ == "__main__":
     main()
+    # A rank sometimes aborted after all of the above, in the interpreter's own teardown ("terminate called without
+    # an active exception", SIGABRT): 1 run in 6 of the resume phase here, and in 2 CI runs, with the barrier above
+    # in place; not in 30 runs under PYTHONFAULTHANDLER, so its cause (a C++ object of torch.distributed or gloo
+    # destroyed with a live thread, by its message) is not pinned down. Everything the test reads is written and the
+    # process group is gone by now: the worker leaves without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
