@@ -5,7 +5,8 @@
 #                                           # SIGKILL + exact resume; 4 -> 2 and 2 -> 4; ZeRO refusal; two nodes
 #   bash benchmarks/gpu_scaleout.sh speed   # tokens/s per GPU on 1, 2 and 4 GPUs (FSDP2), ZeRO-3 and DDP on 4,
 #                                           # loader headroom, then the 8B config on 4 (SPEED_JOBS narrows the
-#                                           # jobs; SKIP_EXTRAS=1 skips the loader and the 8B)
+#                                           # jobs; SKIP_EXTRAS=1 skips the loader and the 8B; SPEED_ARGS adds
+#                                           # train.py arguments, e.g. "--profile_steps 5")
 #
 # `check` is about correctness, not speed, so its jobs share the GPUs: every job of a wave starts at once (a 4-GPU
 # job and a 2-GPU job on the same cards is fine for a 100M model), which makes the phase minutes instead of a
@@ -155,7 +156,7 @@ speed)
   IFS=';' read -r -a JOBS <<<"${SPEED_JOBS:-fsdp2 0 x1;fsdp2 0,1 x2;fsdp2 0,1,2,3 x4;deepspeed_zero3 0,1,2,3 x4;ddp 0,1,2,3 x4}"
   for job in "${JOBS[@]}"; do
     set -- $job
-    run "speed_${1}_$3" "$1" "$2" "${IMAGES[@]}" --output_dir "$RUNS/speed_${1}_$3"
+    run "speed_${1}_$3" "$1" "$2" "${IMAGES[@]}" --output_dir "$RUNS/speed_${1}_$3" ${SPEED_ARGS:-}
   done
   [ "${SKIP_EXTRAS:-0}" = 1 ] && { finish speed; exit 0; }
   # The loader alone (batches per second with the configs' worker count), beside the steps per second above.

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.trace_report import load, step_table
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -30,6 +32,7 @@ TINY = [
     "--seq_len", "256", "--rows_per_batch", "1", "--eval_samples", "4", "--eval_before", "false",
     "--report_to", "none", "--warmup_steps", "5",
 ]
+PHASES = ("next_batch", "forward_backward", "step_summary", "optimizer", "bookkeeping")  # the loop's trainer/... ranges
 REPORT_KEYS = {"steps", "samples_seen", "tokens_seen", "wall_seconds", "tokens_per_second_wall",
                "tokens_per_second_steady", "steady_state", "compile_seconds", "graph_count", "host_syncs_per_step",
                "train_loss_first", "train_loss_last", "skipped", "eval_exact_match", "eval_exact_match_blank_images"}
@@ -117,11 +120,13 @@ def test_profile_steps_writes_a_trace_and_the_loops_phases(tmp_path):
     run_in_process("--output_dir", tmp_path, "--max_steps", 3, "--profile_steps", 2, "--eval_samples", 0)
     table = (tmp_path / "profile" / "rank0.txt").read_text()
     assert table.startswith("rank 0: the last 2 steps")
-    for phase in ("next_batch", "forward_backward", "step_summary", "optimizer", "bookkeeping"):
+    for phase in PHASES:
         assert f"trainer/{phase}" in table and "(2 calls)" in table.split(f"trainer/{phase}")[1].splitlines()[0]
     assert "aten::mm" in table
     with gzip.open(tmp_path / "profile" / "rank0.trace.json.gz") as trace:
         assert any(event.get("name") == "trainer/optimizer" for event in json.load(trace)["traceEvents"])
+    steps = step_table(load(str(tmp_path / "profile" / "rank0.trace.json.gz")))  # benchmarks/trace_report.py reads it
+    assert len(steps) == 2 and all(set(step["host_phases_ms"]) == set(PHASES) for step in steps)
 
 
 def test_too_many_consecutive_bad_steps_stop_the_run(tmp_path):
