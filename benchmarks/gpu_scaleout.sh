@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_scaleout.sh speed   # tokens/s per GPU on 1, 2 and 4 GPUs (FSDP2), ZeRO-3 and DDP on 4,
 #                                           # loader headroom, then the 8B config on 4 (SPEED_JOBS narrows the
 #                                           # jobs; SKIP_EXTRAS=1 skips the loader and the 8B; SPEED_ARGS adds
-#                                           # train.py arguments, e.g. "--profile_steps 5")
+#                                           # train.py arguments to every job, e.g. "--profile_steps 5"; a job
+#                                           # may carry a label and arguments of its own)
 #
 # `check` is about correctness, not speed, so its jobs share the GPUs: every job of a wave starts at once (a 4-GPU
 # job and a 2-GPU job on the same cards is fine for a 100M model), which makes the phase minutes instead of a
@@ -154,9 +155,12 @@ speed)
   # One job at a time, alone on its GPUs: per-GPU tokens/s on 1, 2 and 4 (FSDP2), then ZeRO-3 and DDP on 4.
   # SPEED_JOBS narrows the list (e.g. "fsdp2 0 x1;fsdp2 0,1 x2;fsdp2 0,1,2,3 x4" when device time is short).
   IFS=';' read -r -a JOBS <<<"${SPEED_JOBS:-fsdp2 0 x1;fsdp2 0,1 x2;fsdp2 0,1,2,3 x4;deepspeed_zero3 0,1,2,3 x4;ddp 0,1,2,3 x4}"
+  # A job is "BACKEND GPUS xN [LABEL train.py arguments...]"; a labelled job is compared with FSDP2 on one GPU under
+  # the same label (e.g. "fsdp2 0 x1 rows4 --rows_per_batch 4;fsdp2 0,1,2,3 x4 rows4 --rows_per_batch 4").
   for job in "${JOBS[@]}"; do
     set -- $job
-    run "speed_${1}_$3" "$1" "$2" "${IMAGES[@]}" --output_dir "$RUNS/speed_${1}_$3" ${SPEED_ARGS:-}
+    job_name="speed_${1}_$3${4:+_$4}"; backend=$1; gpus=$2; shift $(( $# < 4 ? $# : 4 ))
+    run "$job_name" "$backend" "$gpus" "${IMAGES[@]}" --output_dir "$RUNS/$job_name" ${SPEED_ARGS:-} "$@"
   done
   [ "${SKIP_EXTRAS:-0}" = 1 ] && { finish speed; exit 0; }
   # The loader alone (batches per second with the configs' worker count), beside the steps per second above.

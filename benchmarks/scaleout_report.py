@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -156,7 +157,7 @@ def speed(runs: Path, logs: Path) -> list[dict]:
     rows = []
     for run in sorted(runs.glob("speed_*")):
         report = read_json(run / "report.json") or {}
-        gpus = int(run.name.rsplit("_x", 1)[-1])
+        gpus = speed_run_name(run.name)[1]
         steady = report.get("tokens_per_second_steady") or report.get("steady_tokens_per_second")
         rows.append({"run": run.name, "gpus": gpus, "exit": exit_line(logs, run.name),
                      "tokens_per_s_per_gpu": steady / gpus if steady else None,
@@ -166,15 +167,25 @@ def speed(runs: Path, logs: Path) -> list[dict]:
                                                    "peak_memory_gib", "host_syncs_per_step")},
                      "errors": error_lines(logs, run.name) if not report else []})
     by_name = {r["run"]: r for r in rows if r["tokens_per_s_per_gpu"]}
-    one, fsdp2_x4 = by_name.get("speed_fsdp2_x1"), by_name.get("speed_fsdp2_x4")
     for row in rows:
         if not row["tokens_per_s_per_gpu"] or "8b" in row["run"]:
             continue
+        _, gpus, label = speed_run_name(row["run"])
+        suffix = f"_{label}" if label else ""  # a labelled job (other arguments) compares with its own label's runs
+        one, fsdp2_x4 = by_name.get(f"speed_fsdp2_x1{suffix}"), by_name.get(f"speed_fsdp2_x4{suffix}")
         if one:  # per-GPU tokens/s against FSDP2 on one GPU (for ZeRO-3 and DDP: against the same)
             row["scaling_efficiency"] = row["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
-        if fsdp2_x4 and row["run"].endswith("_x4"):
+        if fsdp2_x4 and gpus == 4:
             row["vs_fsdp2_x4"] = row["tokens_per_s_per_gpu"] / fsdp2_x4["tokens_per_s_per_gpu"]
     return rows
+
+
+def speed_run_name(name: str) -> tuple[str, int, str | None]:
+    """`speed_<backend>_x<gpus>[_<label>]` -> (backend, gpus, label); gpu_scaleout.sh's SPEED_JOBS names them."""
+    match = re.fullmatch(r"speed_(.+?)_x(\d+)(?:_(\w+))?", name)
+    if match is None:
+        raise ValueError(f"{name}: not a speed run's folder name (speed_<backend>_x<gpus>[_<label>])")
+    return match[1], int(match[2]), match[3]
 
 
 def markdown(phase: str, rows: list[dict]) -> str:
