@@ -30,7 +30,8 @@ from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-IGNORE_INDEX = -100
+from .host_layout import IGNORE_INDEX, host_to_device, target_positions
+
 # 2048 tokens × 128k vocabulary is 1 GiB of fp32 logits: large enough to keep the matmul efficient, small next to
 # the 6+ GiB the plain path holds for a 4096-token row.
 DEFAULT_CHUNK_SIZE = 2048
@@ -105,13 +106,15 @@ def chunked_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    kept_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """transformers' `ForCausalLMLoss(hidden @ weight.T, labels)`, without materialising the logits.
 
     Position s predicts label s+1; labels equal to `ignore_index` are skipped. With `num_items_in_batch` the loss is
     the sum over targets divided by it (gradient accumulation over tokens), else the mean over targets (NaN when
     there are none, as in `cross_entropy`). Under autocast the matmul runs in autocast's dtype and the softmax in fp32,
-    as in the plain path. One host sync, to count the targets.
+    as in the plain path. One host sync, to find the targets, unless `kept_positions` brings them: the host tensor
+    `target_positions(labels_BS)` computed before the labels moved (`HostBatchLayout`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -119,7 +122,10 @@ def chunked_causal_lm_loss(
     if labels_BS.shape != (B, S):
         raise ValueError(f"labels have shape {tuple(labels_BS.shape)} but the hidden states are ({B}, {S}, {D})")
     targets_BS = F.pad(labels_BS[:, 1:], (0, 1), value=ignore_index).to(hidden_BSD.device)
-    kept_M = (targets_BS.reshape(-1) != ignore_index).nonzero().squeeze(1)
+    if kept_positions is None:
+        kept_M = target_positions(labels_BS.to(hidden_BSD.device), ignore_index)  # the host sync
+    else:
+        kept_M = host_to_device(kept_positions, hidden_BSD.device)
     hidden_MD = hidden_BSD.reshape(B * S, D).index_select(0, kept_M)
     targets_M = targets_BS.reshape(-1).index_select(0, kept_M)
 

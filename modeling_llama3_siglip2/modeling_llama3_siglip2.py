@@ -10,9 +10,10 @@ Shape letters:
     P  flattened patch pixels (3·p·p)  D  hidden width
     T  image tokens after the merge    K  patches merged into one token (k²)
 
-Hub-travelling: imports only torch and transformers, and its sibling config relatively.
+Hub-travelling: imports only torch and transformers, and its sibling modules relatively.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from .efficient_ops import (
     packed_causal_block_mask,
     use_grouped_position_embeddings,
 )
+from .host_layout import HostBatchLayout, check_image_grids, host_to_device, mask_never_targets
 from .saved_folder import SavedFolderMixin
 
 
@@ -65,11 +67,12 @@ class Llama3Siglip2LMHead(nn.Linear):
     in lm_head's pre-forward hook, so the chunked loss also runs under ZeRO-3.
     """
 
-    def forward(self, hidden_states, labels=None, num_items_in_batch=None, ignore_index=-100, chunk_size=0):
+    def forward(self, hidden_states, labels=None, num_items_in_batch=None, ignore_index=-100, chunk_size=0,
+                kept_positions=None):
         if labels is None:
             return super().forward(hidden_states)
         return chunked_causal_lm_loss(hidden_states, self.weight, labels, num_items_in_batch,
-                                      ignore_index=ignore_index, chunk_size=chunk_size)
+                                      ignore_index=ignore_index, chunk_size=chunk_size, kept_positions=kept_positions)
 
 
 class Llama3Siglip2MultiModalProjector(nn.Module):
@@ -91,14 +94,6 @@ class Llama3Siglip2MultiModalProjector(nn.Module):
 # step whose image shape is new on an H200 (BENCHMARKS.md, "Where the time went"). Flash and memory-efficient
 # attention need no per-shape set-up; sdpa picks among them (and the math fallback) as usual.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device` without making the host wait: a pageable copy to a GPU first drains its queue."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
 
 
 def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int, device,
@@ -153,6 +148,18 @@ class Llama3Siglip2PreTrainedModel(SavedFolderMixin, PreTrainedModel):
     # A decoding step (text with a cache, static or dynamic) traces as one graph; the image prefill has one host sync.
     _can_compile_fullgraph = True
 
+    @contextlib.contextmanager
+    def host_layout(self, layout: HostBatchLayout | None):
+        """Within it, forwards take the batch's image grids, placeholder positions and target positions from
+        `layout` (`HostBatchLayout.of(batch, config)`, made before the batch moved) instead of reading them back from
+        the GPU: two host syncs fewer per forward. The layout must come from the batch of that forward."""
+        model = getattr(self, self.base_model_prefix, self)  # the Llama3Siglip2Model, inside the LM or itself
+        previous, model.host_batch_layout = model.host_batch_layout, layout
+        try:
+            yield
+        finally:
+            model.host_batch_layout = previous
+
     @torch.no_grad()
     def initialize_weights(self):
         """transformers' composite init: each sub-model (Llama, SigLIP2) initialises its own modules its own way.
@@ -186,6 +193,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         self.language_model = LlamaModel(config.text_config)
         # Forwards encode every image's valid patches as one sequence (`efficient_ops.use_packed_vision`).
         self.pack_image_patches = False
+        self.host_batch_layout: HostBatchLayout | None = None  # set for one call by `host_layout`
         self.post_init()
 
     def get_input_embeddings(self):
@@ -217,14 +225,7 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
             stats = torch.cat([stats, image_mask_BS.reshape(-1).to(stats.dtype)])
         stats = stats.cpu()
         positions = None if image_mask_BS is None else stats[3 * N :].nonzero().squeeze(1)  # on the host: no sync
-        stats = stats[: 3 * N].view(N, 3).tolist()
-        k = self.config.spatial_merge_size
-        for i, (h, w, valid) in enumerate(stats):
-            if h * w != valid or h * w > L:
-                raise ValueError(f"image {i}: spatial_shapes {h}×{w} disagrees with its {valid} valid patches (L={L})")
-            if h % k or w % k:
-                raise ValueError(f"image {i}: a {h}×{w} patch grid cannot be merged in {k}×{k} blocks")
-        shapes = [(h, w) for h, w, _ in stats]
+        shapes = check_image_grids(stats[: 3 * N].view(N, 3).tolist(), L, self.config.spatial_merge_size)
         return shapes, positions
 
     @can_return_tuple
@@ -394,9 +395,16 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_tokens_TD = None
-        if pixel_values is not None and pixel_values.shape[0] > 0:
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        layout = self.host_batch_layout
+        if layout is not None:
+            layout.check_fits(input_ids, images)
+        if images > 0:
             image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
-            shapes, positions = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes, image_mask_BS)
+            if layout is None:
+                shapes, positions = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes, image_mask_BS)
+            else:  # read on the host before the batch moved: no sync
+                shapes, positions = layout.image_shapes, layout.placeholder_positions
             image_tokens_TD = self._image_tokens(
                 pixel_values, pixel_attention_mask, spatial_shapes, shapes, packed=self.pack_image_patches
             )[1]
@@ -524,8 +532,11 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
         if wants_loss and self.training and self.config.loss_chunk_size and (self.tp_size or 1) == 1:
             # Training needs only the loss: skip the (B, S, V) logits, in fp32 the largest tensor of the step.
             hidden_BSD, labels_BS = self._chunked_loss_inputs(hidden_BSD, labels, shift_labels)
+            layout = self.model.host_batch_layout
+            kept = layout.target_positions if layout is not None and shift_labels is None else None
             loss = self.lm_head(hidden_BSD, labels=labels_BS, num_items_in_batch=num_items_in_batch,
-                                ignore_index=self.config.ignore_index, chunk_size=self.config.loss_chunk_size)
+                                ignore_index=self.config.ignore_index, chunk_size=self.config.loss_chunk_size,
+                                kept_positions=kept)
             return Llama3Siglip2CausalLMOutputWithPast(loss=loss, **extra)
 
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -537,10 +548,7 @@ class Llama3Siglip2ForConditionalGeneration(Llama3Siglip2PreTrainedModel, Genera
 
     def loss_targets(self, labels_BS: torch.Tensor) -> torch.Tensor:
         """The labels with the image placeholder, `<boi>` and `<eoi>` ids replaced by `config.ignore_index`."""
-        config = self.config
-        # Compared one id at a time: a tensor of the ids made here would be a host-to-device copy, a host sync.
-        never = (labels_BS == config.image_token_id) | (labels_BS == config.boi_token_id)
-        return labels_BS.masked_fill(never | (labels_BS == config.eoi_token_id), config.ignore_index)
+        return mask_never_targets(labels_BS, self.config)
 
     def _chunked_loss_inputs(self, hidden_BSD, labels_BS, shift_labels_BS):
         """(hidden, labels) for `chunked_causal_lm_loss`, which shifts its labels itself.

@@ -219,3 +219,45 @@ def test_flex_decoder_with_our_packed_mask_matches_transformers_mask_in_bf16(gpu
         embeds = model.get_input_embeddings()(input_ids)
         theirs = model.model.language_model(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
     torch.testing.assert_close(ours.float(), theirs.last_hidden_state.float(), **BF16)
+
+
+def test_training_forward_and_backward_with_a_host_layout_make_no_host_sync(gpu_model):
+    """The trainer's fast path (packed images, flex decoder over packed rows, chunked loss) with the batch's host
+    layout: CUDA's sync debug mode counts every host sync in a forward and backward after a warm-up one."""
+    import copy
+    import warnings
+
+    from modeling_llama3_siglip2.efficient_ops import use_decoder_attention, use_packed_vision
+    from modeling_llama3_siglip2.host_layout import HostBatchLayout
+
+    from .test_packed_vision import images_and_text
+
+    model = copy.deepcopy(gpu_model[0]).train()
+    model.config.loss_chunk_size = 64
+    use_packed_vision(model)
+    use_decoder_attention(model, "flex_attention")
+    k = model.config.spatial_merge_size
+    batch = images_and_text(model, [(8, 8), (2 * k, 6 * k), (k, k), (6, 4)], 3)
+    width = 256  # packed rows: position ids restart at each sample; a multiple of flex's 128-blocks
+    pad = width - batch["input_ids"].shape[1]
+    batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, pad))
+    batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, pad), value=-100)
+    batch["position_ids"] = torch.arange(width).expand(2, width).clone()
+
+    def step():
+        layout = HostBatchLayout.of(batch, model.config)
+        on_gpu = {key: t.cuda(non_blocking=True) for key, t in batch.items()}
+        with model.host_layout(layout):
+            model(**on_gpu).loss.backward()
+
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, syncs

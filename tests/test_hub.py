@@ -78,7 +78,7 @@ def test_save_then_from_pretrained_gives_identical_logits_and_only_safetensors(b
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files), files
     # The modeling file and every module it imports relatively travel with the weights.
     travelling = {"configuration_llama3_siglip2.py", "modeling_llama3_siglip2.py", "compat.py", "efficient_ops.py",
-                  "saved_folder.py"}
+                  "host_layout.py", "saved_folder.py"}
     assert travelling | {"README.md"} <= files, files
 
     inputs = model_inputs(model)

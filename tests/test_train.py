@@ -129,6 +129,25 @@ def test_profile_steps_writes_a_trace_and_the_loops_phases(tmp_path):
     assert len(steps) == 2 and all(set(step["host_phases_ms"]) == set(PHASES) for step in steps)
 
 
+def test_every_forward_gets_its_batchs_host_layout(tmp_path, monkeypatch):
+    """The loop reads each micro-batch's image grids and targets on the host and hands them to the model, which
+    then reads nothing back from the device (tests/test_host_layout.py); with images in the toy data."""
+    import train_lib.loop as loop
+
+    layouts = []
+    real = loop.HostBatchLayout.of
+
+    def recording(batch, config):
+        layouts.append(real(batch, config))
+        return layouts[-1]
+
+    monkeypatch.setattr(loop.HostBatchLayout, "of", staticmethod(recording))
+    run_in_process("--output_dir", tmp_path, "--max_steps", 3, "--gradient_accumulation_steps", 2,
+                   "--eval_samples", 0, "--loss_chunk_size", 64)
+    assert len(layouts) == 6
+    assert any(layout.image_shapes for layout in layouts) and all(len(l.target_positions) for l in layouts)
+
+
 def test_too_many_consecutive_bad_steps_stop_the_run(tmp_path):
     with pytest.raises(RuntimeError, match="2 consecutive steps"):
         run_in_process("--output_dir", tmp_path, "--max_steps", 8, "--inject_nan_steps", "3,4", "--max_bad_steps", 2)

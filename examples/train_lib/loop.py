@@ -25,6 +25,7 @@ Around the steps: `StepClock` (steady-state speed), `StepLog` (steps.jsonl), `Ch
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -35,7 +36,7 @@ from accelerate.utils import gather_object
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from modeling_llama3_siglip2.modeling_llama3_siglip2 import host_to_device
+from modeling_llama3_siglip2.host_layout import HostBatchLayout, host_to_device
 from processing.data import SKIP_REASONS
 from processing.data.health import SkipRateGuard
 
@@ -162,6 +163,10 @@ class Trainer:
         unwrapped = accelerator.unwrap_model(model)
         self.flop_model = FlopModel.of(unwrapped)  # the MFU's formula (its flops_per_token), for each rank's work
         self.forward_timer = ForwardTimer(unwrapped, accelerator.device)
+        # The batch's image grids and target positions go to the model read on the host (no host sync in the
+        # forward); through PEFT's wrappers the method is the base model's.
+        self.host_layout = getattr(unwrapped, "host_layout", None)
+        self.model_config = unwrapped.config
         self.step_log = StepLog(train_args.output_dir, state["step"], enabled=accelerator.is_main_process)
         self.consecutive_bad = 0
         self.skipped_examples: dict[str, int] = {}
@@ -186,9 +191,12 @@ class Trainer:
         """One micro-batch's loss (this rank's targets over the global target count), backpropagated."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
+            layout = contextlib.nullcontext()
+            if self.host_layout is not None:
+                layout = self.host_layout(HostBatchLayout.of(batch, self.model_config))
             # non_blocking: a blocking copy would wait for the GPU to finish the previous micro-batch (a host sync).
             batch = batch.to(accelerator.device, non_blocking=True)
-            with self.forward_timer.timing():
+            with self.forward_timer.timing(), layout:
                 loss = self.model(**batch, num_items_in_batch=targets).loss
             if self.state["step"] + 1 in self.nan_steps:
                 loss = loss * float("nan")

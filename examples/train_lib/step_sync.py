@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modeling_llama3_siglip2.modeling_llama3_siglip2 import host_to_device
+from modeling_llama3_siglip2.host_layout import host_to_device
 
 HOST_FIELDS = ("tokens", "samples", "sample_ids", "samples_seen", "stop", "compiled", "work", "compute_ms")
 DIGEST_WORDS = 5  # sha1's 160 bits

@@ -1,0 +1,97 @@
+"""`HostBatchLayout`: the forward's data-dependent sizes read on the host before the batch moves, so that a training
+forward makes no host sync of its own. The model's result must not change by a bit."""
+
+import contextlib
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modeling_llama3_siglip2.host_layout import HostBatchLayout
+
+from .test_modeling import text_ids
+from .test_packed_vision import images_and_text, loss_and_gradients
+
+# Ops whose result size or value depends on the data: on a GPU each one makes the host wait for the device.
+DATA_DEPENDENT = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::unique",
+                  "aten::_unique2"}
+
+
+class DataDependentOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in DATA_DEPENDENT:
+            self.seen[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def reading_no_image_shapes(model):
+    """`_image_shapes` reads the grids back from the batch's tensors (`.cpu()`: a host sync on a GPU)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the forward read the image shapes from the batch's tensors")
+
+    model.model._image_shapes = refuse
+    try:
+        yield
+    finally:
+        del model.model._image_shapes
+
+
+def training_batch(model, seed=3):
+    k = model.config.spatial_merge_size
+    batch = images_and_text(model, [(8, 8), (2 * k, 6 * k), (k, k), (6, 4), (4, 2 * k)], seed=seed)
+    batch["labels"][0, :7] = -100  # a prompt that is not a target
+    return batch
+
+
+@pytest.mark.parametrize("fixture", ["built", "built_merge2"])
+def test_layout_gives_the_same_loss_and_gradients_without_the_models_reads(fixture, request):
+    """The model's own reads go: the placeholders' and the targets' `nonzero`, and the image shapes' `.cpu()` (a
+    no-op on the CPU, so `_image_shapes` is made to refuse). transformers' mask builders on the CPU's sdpa path read
+    too (`padding_mask.all()`); they are the same with and without a layout."""
+    model = copy.deepcopy(request.getfixturevalue(fixture)[0]).train()
+    model.config.loss_chunk_size = 16  # the training loss on a GPU: logits for the targets only, a chunk at a time
+    batch = training_batch(model)
+    with DataDependentOps() as without:
+        want_loss, want_grads = loss_and_gradients(model, batch)
+    layout = HostBatchLayout.of(batch, model.config)
+    with DataDependentOps() as within, model.host_layout(layout), reading_no_image_shapes(model):
+        loss, grads = loss_and_gradients(model, batch)
+    assert without.seen["aten::nonzero"] == 2
+    assert within.seen == without.seen - Counter({"aten::nonzero": 2})
+    assert model.model.host_batch_layout is None  # for that call only
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and all(torch.equal(grads[name], want_grads[name]) for name in grads)
+
+
+def test_text_only_batch_and_a_layout_for_another_batch(built):
+    model = copy.deepcopy(built[0]).train()
+    model.config.loss_chunk_size = 16
+    ids = torch.tensor([text_ids(12, 1), text_ids(12, 2)])
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    want_loss, want_grads = loss_and_gradients(model, batch)
+    with model.host_layout(HostBatchLayout.of(batch, model.config)):
+        loss, grads = loss_and_gradients(model, batch)
+    assert torch.equal(loss, want_loss) and all(torch.equal(grads[name], want_grads[name]) for name in grads)
+    images = training_batch(model)
+    with model.host_layout(HostBatchLayout.of(batch, model.config)), pytest.raises(ValueError, match="made for"):
+        model(**images)
+    assert model.model.host_batch_layout is None  # restored after an error too
+
+
+def test_layout_checks_the_batch_on_the_host(built):
+    model = built[0]
+    batch = training_batch(model)
+    with pytest.raises(ValueError, match="labels is on meta"):
+        HostBatchLayout.of({**batch, "labels": batch["labels"].to("meta")}, model.config)
+    shapes = batch["spatial_shapes"].clone()
+    shapes[1, 0] += 1
+    with pytest.raises(ValueError, match="image 1: spatial_shapes"):
+        HostBatchLayout.of({**batch, "spatial_shapes": shapes}, model.config)
