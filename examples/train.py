@@ -37,7 +37,12 @@ from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_
 from train_lib.resume import resume_from
 from transformers import get_scheduler
 
-from modeling_llama3_siglip2.efficient_ops import compile_layers, use_decoder_attention, use_packed_vision
+from modeling_llama3_siglip2.efficient_ops import (
+    compile_layers,
+    use_decoder_attention,
+    use_packed_vision,
+    use_vision_attention,
+)
 from processing.data import SkipRateGuard, build_train_dataloader
 
 # Left out of the summary printed at the end (report.json keeps them): one line per step or per sample.
@@ -98,7 +103,7 @@ def make_accelerator(train_args) -> Accelerator:
 def use_fast_path(model, train_args, accelerator) -> None:
     """The fastest correct path measured in BENCHMARKS.md, by default on GPU: the chunked loss (no fp32 logits),
     flex attention for the packed decoder rows (no dense 4-D mask), and compiled layers; with `--pack_vision`,
-    packed images in the vision tower (no padding patches). Each computes the same
+    packed images in the vision tower (no padding patches), else the vision mask built without a host read. Each computes the same
     function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa.
 
     ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
@@ -115,6 +120,8 @@ def use_fast_path(model, train_args, accelerator) -> None:
     pack_vision = train_args.pack_vision
     if pack_vision:
         use_packed_vision(model)
+    elif on_gpu and model.model.vision_tower.config._attn_implementation == "sdpa":
+        use_vision_attention(model)  # padded images: sdpa's mask, built without reading it back (a host sync)
     if train_args.compile if train_args.compile is not None else (on_gpu and not zero3):
         # Packed images have one length a batch, from a bounded set: static shapes for flex attention's kernels.
         compile_layers(model, vision_shapes="static" if pack_vision else "dynamic")

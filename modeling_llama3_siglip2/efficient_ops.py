@@ -302,10 +302,31 @@ def packed_vision_attention(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-# Registered under its own name, so that other models in the process keep transformers' "sdpa". Padded calls of the
-# vision tower (`get_image_features`) build sdpa's mask for it.
+def sdpa_mask_without_read(*args, allow_is_bidirectional_skip: bool = False, **kwargs):
+    """transformers' sdpa mask for the vision tower, always built. To skip it when no patch is padding, transformers
+    reads the padding mask back (`padding_mask.all()`): a host sync in every forward. NaFlex batches pad nearly always,
+    so the mask is built anyway; building it unread gives the same attention."""
+    return sdpa_mask(*args, allow_is_bidirectional_skip=False, **kwargs)
+
+
+# Registered under their own names, so that other models in the process keep transformers' "sdpa". Padded calls of
+# the vision tower (`get_image_features`, and training forwards without packing) build sdpa's mask, unread.
+VISION_ATTENTION = "llama3_siglip2_vision"
+AttentionInterface.register(VISION_ATTENTION, sdpa_attention_forward)
+AttentionMaskInterface.register(VISION_ATTENTION, sdpa_mask_without_read)
 AttentionInterface.register(PACKED_VISION_ATTENTION, packed_vision_attention)
-AttentionMaskInterface.register(PACKED_VISION_ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(PACKED_VISION_ATTENTION, sdpa_mask_without_read)
+
+
+def use_vision_attention(model: nn.Module, name: str = VISION_ATTENTION) -> int:
+    """Set the vision tower's attention of every Llama3Siglip2Model in `model` (`VISION_ATTENTION`: sdpa with its mask
+    built unread; "sdpa" restores transformers' own); returns how many models changed."""
+    targets = [module for module in model.modules() if hasattr(module, "pack_image_patches")]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} holds no Llama3Siglip2Model")
+    for module in targets:
+        module.vision_tower.set_attn_implementation(name)
+    return len(targets)
 
 
 def packed_patch_length(total_patches: int) -> int:
@@ -400,17 +421,16 @@ def use_packed_vision(model: nn.Module, enabled: bool = True) -> int:
     whose per-image hidden states it returns. Layers compiled with `compile_layers(vision_shapes="static")` make one
     graph per packed length (`packed_patch_length` bounds them). `enabled=False` restores the padded path and sdpa.
     """
-    targets = [module for module in model.modules() if hasattr(module, "pack_image_patches")]
-    if not targets:
-        raise ValueError(f"{type(model).__name__} holds no Llama3Siglip2Model")
-    for module in targets:
-        module.pack_image_patches = enabled
-        module.vision_tower.set_attn_implementation(PACKED_VISION_ATTENTION if enabled else "sdpa")
-    return len(targets)
+    changed = use_vision_attention(model, PACKED_VISION_ATTENTION if enabled else "sdpa")
+    for module in model.modules():
+        if hasattr(module, "pack_image_patches"):
+            module.pack_image_patches = enabled
+    return changed
 
 
 __all__ = [
     "PACKED_VISION_ATTENTION",
+    "VISION_ATTENTION",
     "PackedPatchLayout",
     "chunked_causal_lm_loss",
     "compile_layers",
@@ -424,4 +444,5 @@ __all__ = [
     "use_decoder_attention",
     "use_grouped_position_embeddings",
     "use_packed_vision",
+    "use_vision_attention",
 ]

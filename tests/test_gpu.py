@@ -221,20 +221,22 @@ def test_flex_decoder_with_our_packed_mask_matches_transformers_mask_in_bf16(gpu
     torch.testing.assert_close(ours.float(), theirs.last_hidden_state.float(), **BF16)
 
 
-def test_training_forward_and_backward_with_a_host_layout_make_no_host_sync(gpu_model):
-    """The trainer's fast path (packed images, flex decoder over packed rows, chunked loss) with the batch's host
-    layout: CUDA's sync debug mode counts every host sync in a forward and backward after a warm-up one."""
+@pytest.mark.parametrize("packed_images", [False, True], ids=["padded_images", "packed_images"])
+def test_training_forward_and_backward_with_a_host_layout_make_no_host_sync(gpu_model, packed_images):
+    """The trainer's fast path (images padded with the vision mask built unread, or packed; flex decoder over packed
+    rows; chunked loss) with the batch's host layout: CUDA's sync debug mode counts every host sync in a forward and
+    backward after a warm-up one."""
     import copy
     import warnings
 
-    from modeling_llama3_siglip2.efficient_ops import use_decoder_attention, use_packed_vision
+    from modeling_llama3_siglip2.efficient_ops import use_decoder_attention, use_packed_vision, use_vision_attention
     from modeling_llama3_siglip2.host_layout import HostBatchLayout
 
     from .test_packed_vision import images_and_text
 
     model = copy.deepcopy(gpu_model[0]).train()
     model.config.loss_chunk_size = 64
-    use_packed_vision(model)
+    (use_packed_vision if packed_images else use_vision_attention)(model)
     use_decoder_attention(model, "flex_attention")
     k = model.config.spatial_merge_size
     batch = images_and_text(model, [(8, 8), (2 * k, 6 * k), (k, k), (6, 4)], 3)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from modeling_llama3_siglip2.efficient_ops import use_vision_attention
 from modeling_llama3_siglip2.host_layout import HostBatchLayout
 
 from .test_modeling import text_ids
@@ -95,3 +96,19 @@ def test_layout_checks_the_batch_on_the_host(built):
     shapes[1, 0] += 1
     with pytest.raises(ValueError, match="image 1: spatial_shapes"):
         HostBatchLayout.of({**batch, "spatial_shapes": shapes}, model.config)
+
+
+def test_vision_mask_built_unread_gives_sdpas_results(built):
+    """`use_vision_attention`: the padded vision tower's sdpa mask without transformers' `padding_mask.all()`, the
+    read it makes to skip a mask with no padding (NaFlex batches pad nearly always)."""
+    model = copy.deepcopy(built[0]).train()
+    batch = training_batch(model)
+    with DataDependentOps() as with_read:
+        want_loss, want_grads = loss_and_gradients(model, batch)
+    assert use_vision_attention(model) == 1
+    with DataDependentOps() as unread:
+        loss, grads = loss_and_gradients(model, batch)
+    assert unread.seen == with_read.seen - Counter({"aten::_local_scalar_dense": 1})
+    assert torch.equal(loss, want_loss) and all(torch.equal(grads[name], want_grads[name]) for name in grads)
+    use_vision_attention(model, "sdpa")
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"
