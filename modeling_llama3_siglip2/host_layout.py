@@ -55,6 +55,13 @@ def mask_never_targets(labels_BS: torch.Tensor, config) -> torch.Tensor:
     return labels_BS.masked_fill(never | (labels_BS == config.eoi_token_id), config.ignore_index)
 
 
+def count_targets(labels_BS: torch.Tensor, config) -> torch.Tensor:
+    """How many positions the shifted loss scores, as a 0-dim tensor on the labels' device (no host sync): each label
+    after its row's first that is neither `config.ignore_index` nor an image id. The `num_items_in_batch` that makes a
+    sum over tokens a mean; counting the image ids as well would make every such loss too small."""
+    return (mask_never_targets(labels_BS, config)[:, 1:] != config.ignore_index).sum()
+
+
 def target_positions(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Flat positions (into B·S) whose next token is a target: position s predicts label s+1."""
     targets_BS = F.pad(labels_BS[:, 1:], (0, 1), value=ignore_index)

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_llama3_siglip2.efficient_ops import use_vision_attention
-from modeling_llama3_siglip2.host_layout import HostBatchLayout
+from modeling_llama3_siglip2.host_layout import HostBatchLayout, count_targets
 
 from .test_modeling import text_ids
 from .test_packed_vision import images_and_text, loss_and_gradients
@@ -112,3 +112,20 @@ def test_vision_mask_built_unread_gives_sdpas_results(built):
     assert torch.equal(loss, want_loss) and all(torch.equal(grads[name], want_grads[name]) for name in grads)
     use_vision_attention(model, "sdpa")
     assert model.model.vision_tower.config._attn_implementation == "sdpa"
+
+
+def test_target_count_is_what_the_loss_scores(built):
+    """`num_items_in_batch` from `count_targets` turns the loss's sum into its mean, also when the labels hold the
+    image placeholders (user-made labels): the loss never scores those, so the count must not either."""
+    model = copy.deepcopy(built[0]).train()
+    model.config.loss_chunk_size = 16
+    batch = training_batch(model)  # labels are the input ids: placeholders included
+    count = count_targets(batch["labels"], model.config)
+    assert int(count) == len(HostBatchLayout.of(batch, model.config).target_positions)
+    assert int((batch["labels"][:, 1:] != -100).sum()) > int(count)
+    with torch.no_grad():
+        mean = model(**batch).loss
+        summed = model(**batch, num_items_in_batch=count).loss
+        plain = model.eval()(**batch, num_items_in_batch=count).loss  # the unchunked loss counts the same
+    torch.testing.assert_close(summed, mean)
+    torch.testing.assert_close(plain, mean)

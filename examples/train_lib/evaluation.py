@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import DistributedType, broadcast_object_list
 from PIL import Image
 
+from modeling_llama3_siglip2.host_layout import count_targets
 from processing.data import build_train_dataloader
 from processing.scenes import scenes_eval_examples
 
@@ -177,7 +178,7 @@ class Evaluator:
     def eval_loss(self, model, accelerator) -> tuple[float, int, int, list[dict]]:
         """Mean loss over the held-out targets of every rank, the target and sample counts, and the main process's
         first `eval_generate_samples` prompts (from the same batches)."""
-        device = accelerator.device
+        device, config = accelerator.device, accelerator.unwrap_model(model).config
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, targets, samples
         batches, spare, taken, prompts = iter(self.loader), None, 0, []
         was_training = model.training
@@ -199,7 +200,7 @@ class Evaluator:
                 else:  # this rank's shard is done; keep step with the others
                     batch = spare if spare is not None else self._placeholder_batch()
                 batch = batch.to(device)
-                targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+                targets = count_targets(batch["labels"], config)  # what the loss scores: not the image ids
                 with accelerator.autocast():
                     loss = model(**batch, num_items_in_batch=targets.clamp(min=1)).loss
                 if counts:

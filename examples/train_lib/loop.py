@@ -36,7 +36,7 @@ from accelerate.utils import gather_object
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from modeling_llama3_siglip2.host_layout import HostBatchLayout, host_to_device
+from modeling_llama3_siglip2.host_layout import HostBatchLayout, count_targets, host_to_device
 from processing.data import SKIP_REASONS
 from processing.data.health import SkipRateGuard
 
@@ -49,7 +49,6 @@ from .reporting import FlopModel
 from .step_sync import finite_or_none, gather_step_summary
 
 HOST_SYNCS_PER_STEP = 1
-IGNORE_INDEX = -100
 
 
 def host_syncs_per_step(accelerator) -> int:
@@ -104,11 +103,6 @@ def attention_pairs(micro_batches, pad_token_id: int) -> int:
         sample_of_token = torch.cumsum(starts, 0)[real]  # every row begins with a sample: a new number per sample
         pairs += int((torch.bincount(sample_of_token) ** 2).sum())
     return pairs
-
-
-def count_targets(micro_batches) -> int:
-    """Label positions the shifted loss scores: every label but each row's first that is not ignored."""
-    return sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
 
 
 def skip_vector(skipped: Counter) -> list[int]:
@@ -184,7 +178,8 @@ class Trainer:
 
     def global_target_count(self, micro_batches) -> torch.Tensor:
         """Targets of the whole global batch, left on the device: every rank's loss is divided by it."""
-        local = host_to_device(torch.tensor([count_targets(micro_batches)]), self.accelerator.device)[0]
+        local = sum(int(count_targets(batch["labels"], self.model_config)) for batch in micro_batches)  # on the host
+        local = host_to_device(torch.tensor([local]), self.accelerator.device)[0]
         return self.accelerator.reduce(local, "sum")
 
     def forward_backward_step(self, batch, targets: torch.Tensor) -> torch.Tensor:
