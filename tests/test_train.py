@@ -132,7 +132,7 @@ def test_profile_steps_writes_a_trace_and_the_loops_phases(tmp_path):
 def test_every_forward_gets_its_batchs_host_layout(tmp_path, monkeypatch):
     """The loop reads each micro-batch's image grids and targets on the host and hands them to the model, which
     then reads nothing back from the device (tests/test_host_layout.py); with images in the toy data."""
-    import train_lib.loop as loop
+    from train_lib import loop
 
     layouts = []
     real = loop.HostBatchLayout.of
