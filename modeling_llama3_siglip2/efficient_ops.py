@@ -30,7 +30,7 @@ from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .host_layout import IGNORE_INDEX, host_to_device, target_positions
+from .host_layout import IGNORE_INDEX, host_to_device
 
 # 2048 tokens × 128k vocabulary is 1 GiB of fp32 logits: large enough to keep the matmul efficient, small next to
 # the 6+ GiB the plain path holds for a 4096-token row.
@@ -122,8 +122,8 @@ def chunked_causal_lm_loss(
     if labels_BS.shape != (B, S):
         raise ValueError(f"labels have shape {tuple(labels_BS.shape)} but the hidden states are ({B}, {S}, {D})")
     targets_BS = F.pad(labels_BS[:, 1:], (0, 1), value=ignore_index).to(hidden_BSD.device)
-    if kept_positions is None:
-        kept_M = target_positions(labels_BS.to(hidden_BSD.device), ignore_index)  # the host sync
+    if kept_positions is None:  # what `target_positions` gives, from the targets already shifted: the host sync
+        kept_M = (targets_BS.reshape(-1) != ignore_index).nonzero().squeeze(1)
     else:
         kept_M = host_to_device(kept_positions, hidden_BSD.device)
     hidden_MD = hidden_BSD.reshape(B * S, D).index_select(0, kept_M)
@@ -318,12 +318,18 @@ AttentionInterface.register(PACKED_VISION_ATTENTION, packed_vision_attention)
 AttentionMaskInterface.register(PACKED_VISION_ATTENTION, sdpa_mask_without_read)
 
 
-def use_vision_attention(model: nn.Module, name: str = VISION_ATTENTION) -> int:
-    """Set the vision tower's attention of every Llama3Siglip2Model in `model` (`VISION_ATTENTION`: sdpa with its mask
-    built unread; "sdpa" restores transformers' own); returns how many models changed."""
+def _vlm_models(model: nn.Module) -> list[nn.Module]:
+    """Every Llama3Siglip2Model in `model` (itself, inside the LM, or under PEFT's wrappers)."""
     targets = [module for module in model.modules() if hasattr(module, "pack_image_patches")]
     if not targets:
         raise ValueError(f"{type(model).__name__} holds no Llama3Siglip2Model")
+    return targets
+
+
+def use_vision_attention(model: nn.Module, name: str = VISION_ATTENTION) -> int:
+    """Set the vision tower's attention of every Llama3Siglip2Model in `model` (`VISION_ATTENTION`: sdpa with its mask
+    built unread; "sdpa" restores transformers' own); returns how many models changed."""
+    targets = _vlm_models(model)
     for module in targets:
         module.vision_tower.set_attn_implementation(name)
     return len(targets)
@@ -421,11 +427,11 @@ def use_packed_vision(model: nn.Module, enabled: bool = True) -> int:
     whose per-image hidden states it returns. Layers compiled with `compile_layers(vision_shapes="static")` make one
     graph per packed length (`packed_patch_length` bounds them). `enabled=False` restores the padded path and sdpa.
     """
-    changed = use_vision_attention(model, PACKED_VISION_ATTENTION if enabled else "sdpa")
-    for module in model.modules():
-        if hasattr(module, "pack_image_patches"):
-            module.pack_image_patches = enabled
-    return changed
+    targets = _vlm_models(model)
+    for module in targets:
+        module.pack_image_patches = enabled
+        module.vision_tower.set_attn_implementation(PACKED_VISION_ATTENTION if enabled else "sdpa")
+    return len(targets)
 
 
 __all__ = [

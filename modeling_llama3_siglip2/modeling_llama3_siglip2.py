@@ -400,11 +400,11 @@ class Llama3Siglip2Model(Llama3Siglip2PreTrainedModel):
         if layout is not None:
             layout.check_fits(input_ids, images)
         if images > 0:
-            image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
             if layout is None:
+                image_mask_BS = self.image_token_mask(input_ids, inputs_embeds)
                 shapes, positions = self._image_shapes(pixel_values, pixel_attention_mask, spatial_shapes, image_mask_BS)
-            else:  # read on the host before the batch moved: no sync
-                shapes, positions = layout.image_shapes, layout.placeholder_positions
+            else:  # read on the host before the batch moved: no sync, and no mask to scatter by
+                image_mask_BS, shapes, positions = None, layout.image_shapes, layout.placeholder_positions
             image_tokens_TD = self._image_tokens(
                 pixel_values, pixel_attention_mask, spatial_shapes, shapes, packed=self.pack_image_patches
             )[1]
