@@ -168,7 +168,7 @@ speed)
     --data_files "/tmp/images/images-*.parquet" --workers 2 8 --repeats 1 > "$LOGS/loader_headroom.log" 2>&1
   finish speed
   # The 8B config (Llama-3.1-8B + so400m dimensions) on 4 GPUs, with whatever time the call has left.
-  LIMIT=${LIMIT_8B:-240} run speed_8b_fsdp2_x4 fsdp2 0,1,2,3 --config examples/configs/llama3_1_8b_siglip2_so400m.yaml \
+  LIMIT=${LIMIT_8B:-240} run speed_8b_fsdp2_x4 fsdp2_reshard 0,1,2,3 --config examples/configs/llama3_1_8b_siglip2_so400m.yaml \
     --dataset parquet --data_files "/tmp/images/images-*.parquet" --max_steps ${STEPS_8B:-25} --checkpoint_every 0 \
     --report_to none --output_dir "$RUNS/speed_8b_fsdp2_x4"
   ;;
