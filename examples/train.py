@@ -150,7 +150,9 @@ def build_training(accelerator, model_args, data_args, train_args):
                                       rank=accelerator.process_index, world_size=accelerator.num_processes)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_args.learning_rate, weight_decay=train_args.weight_decay,
-                                  betas=(0.9, train_args.adam_beta2), fused=accelerator.device.type == "cuda")
+                                  betas=(0.9, train_args.adam_beta2),
+                                  # fused: one kernel a step, and a non-finite step skipped on the device (loop.py)
+                                  fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps,
                               num_training_steps=train_args.max_steps)
     if accelerator.state.deepspeed_plugin is not None:

@@ -116,12 +116,39 @@ def test_injected_nan_steps_are_skipped_and_counted(tmp_path):
     assert report["skipped_steps"] == 2
 
 
+def test_summaries_read_a_step_late_train_exactly_as_read_at_once(tmp_path, monkeypatch):
+    """Reading each step's summary during the next step (the optimizer step queued first, a non-finite step skipped
+    on the device by fused AdamW's found_inf, the schedule advanced when the summary is read) gives bit-identical
+    weights, losses and skip counts to reading it at once; with non-finite steps, a checkpoint and an evaluation
+    inside the run, which must be read at once."""
+    from train_lib import loop
+
+    late_reads = []
+    real = loop.Trainer.settle_previous
+    monkeypatch.setattr(loop.Trainer, "settle_previous", lambda self: late_reads.append(self.step_number) or real(self))
+    args = ["--max_steps", 9, "--inject_nan_steps", "3,4", "--checkpoint_every", 5, "--eval_every", 7,
+            "--eval_split", "eval", "--eval_generate_samples", 1, "--eval_max_new_tokens", 2, "--seed", 3]
+    late = run_in_process("--output_dir", tmp_path / "late", *args)
+    assert late_reads == [2, 3, 4, 5, 7, 9]  # steps 1-4, 6 and 8 were read late, in the next step; 5, 7 and 9 at once
+    at_once = run_in_process("--output_dir", tmp_path / "at_once", *args, "--test_read_summaries_at_once", "true")
+    assert late_reads == [2, 3, 4, 5, 7, 9]
+    assert late["skipped_steps"] == at_once["skipped_steps"] == 2
+    assert [s["loss"] for s in read_steps(tmp_path / "late")] == [s["loss"] for s in read_steps(tmp_path / "at_once")]
+    assert read_steps(tmp_path / "late")[2]["loss"] is None
+    weights = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("late", "at_once")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert (tmp_path / "late" / "checkpoints" / "step-5").is_dir()
+
+
 def test_profile_steps_writes_a_trace_and_the_loops_phases(tmp_path):
     run_in_process("--output_dir", tmp_path, "--max_steps", 3, "--profile_steps", 2, "--eval_samples", 0)
     table = (tmp_path / "profile" / "rank0.txt").read_text()
     assert table.startswith("rank 0: the last 2 steps")
     for phase in PHASES:
-        assert f"trainer/{phase}" in table and "(2 calls)" in table.split(f"trainer/{phase}")[1].splitlines()[0]
+        # Step 2's summary is read late, in step 3, which also reads its own (the last step's is read at once).
+        calls = "(3 calls)" if phase in ("step_summary", "bookkeeping") else "(2 calls)"
+        assert f"trainer/{phase}" in table and calls in table.split(f"trainer/{phase}")[1].splitlines()[0]
     assert "aten::mm" in table
     with gzip.open(tmp_path / "profile" / "rank0.trace.json.gz") as trace:
         assert any(event.get("name") == "trainer/optimizer" for event in json.load(trace)["traceEvents"])

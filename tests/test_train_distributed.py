@@ -433,6 +433,26 @@ def test_the_step_clock_files_each_forward_time_ratio_under_the_step_it_measured
     assert summary["straggler_ratio_compute"] == pytest.approx((1.5 + 1.1) / 2)  # step 6's was never gathered
 
 
+def test_a_step_whose_summary_is_read_late_is_timed_from_the_previous_read(monkeypatch):
+    """Read late, a step ends after the next one started: its time is the time since the previous step's end (the
+    loop's period), never the time since its own start (which would count the next step's work too); a step that
+    starts after a pause between steps (a checkpoint's save) is timed from its own start."""
+    from train_lib import metrics
+
+    now = iter([0.0, 10.0, 14.0, 20.0, 24.0, 30.0, 100.0, 110.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(now))
+    clock = metrics.StepClock(1.0, None, 1)  # loop start: 0
+    clock.start_step()  # step 1 starts at 10
+    clock.start_step()  # step 2 at 14
+    clock.end_step(10)  # step 1 read at 20, during step 2
+    clock.start_step()  # step 3 at 24
+    clock.end_step(10)  # step 2 read at 30
+    clock.end_step(10)  # step 3 read at once, at 100 (a checkpoint step)
+    clock.start_step()  # step 4 at 110, after the save
+    assert clock.seconds == [10.0, 10.0, 70.0]
+    assert clock.starts == [10.0, 20.0, 30.0]
+
+
 def test_a_step_in_which_another_rank_compiled_is_warm_up_for_this_one():
     """Rank 1 compiling at step 6 held rank 0 at the step's collectives: rank 0's clock, told by the step summary,
     counts steps up to 6 as warm-up although its own compile counters never moved."""
@@ -461,3 +481,20 @@ def test_the_forward_timer_times_armed_forwards_and_hands_them_over_a_step_late(
     first_step_ms = sum(timer.finished)
     assert timer.previous_step_ms() == first_step_ms > 0
     assert timer.finished and not timer.current
+
+
+def test_two_processes_reading_each_summary_a_step_late_train_exactly_as_reading_it_at_once(tmp_path):
+    """Two ranks that read each step's summary during the next step (the skip decided on the device from every
+    rank's gathered loss and gradient norm, so the same on both) train bit-identically to reading it at once: the
+    same samples in each step, losses, skipped steps and weights; with a non-finite step, and a checkpoint that one
+    rank saves slowly."""
+    args = ["--max_steps", 8, "--inject_nan_steps", "3", "--checkpoint_every", 4]
+    late, at_once = tmp_path / "late", tmp_path / "at_once"
+    run("--output_dir", late, *args, "--test_slow_save_rank", 1, "--test_slow_save_seconds", 0.5)
+    run("--output_dir", at_once, *args, "--test_read_summaries_at_once", "true")
+    assert digests(late) == digests(at_once) and len(digests(late)) == 8
+    assert [s["loss"] for s in read_steps(late)] == [s["loss"] for s in read_steps(at_once)]
+    assert read_steps(late)[2]["loss"] is None
+    assert json.loads((late / "report.json").read_text())["skipped_steps"] == 1
+    weights, reference = final_weights(late), final_weights(at_once)
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)

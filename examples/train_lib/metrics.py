@@ -24,6 +24,7 @@ rank trained on (see `step_sync`). A resumed run first drops the lines after its
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -76,8 +77,10 @@ class StepClock:
     """Wall time, global tokens and straggler ratios of each step this process ran, and which of them are steady
     (see the module doc).
 
-    Times are host times between the ends of consecutive steps' host syncs, so on a GPU they include the device's
-    work; checkpoint saves and evaluations happen between steps and are not counted.
+    A step's time runs on the host from its start, or from the previous step's end where that came later, to the
+    read of its summary (the host sync), so on a GPU it includes the device's work. A summary read a step late
+    (`loop.Trainer.may_read_late`) ends its step after the next one started: the time from the previous read is then
+    one step's. Checkpoint saves and evaluations happen between steps and are not counted.
     """
 
     def __init__(self, flops_per_token: float, peak_flops_per_device: float | None, num_processes: int):
@@ -90,10 +93,11 @@ class StepClock:
         self.straggler_compute: list[float] = []  # by the step measured; NaN: not measured (yet)
         self.last_compiling_step = 0  # steps counted from 1 in this process; 0: none compiled
         self._counters = compile_counters()
-        self._tick = None
+        self._ticks: collections.deque[float] = collections.deque()  # started steps not yet ended
+        self._last_end = -math.inf
 
     def start_step(self) -> None:
-        self._tick = time.perf_counter()
+        self._ticks.append(time.perf_counter())
 
     def compiled_this_step(self) -> bool:
         """Whether this process compiled anything since the last call (the step summary tells the other ranks)."""
@@ -105,8 +109,10 @@ class StepClock:
                  compiled: bool | None = None) -> None:
         """`straggler_compute` is the previous step's (see the module doc), and filed under it. `compiled`: whether
         any rank compiled during the step (from the step summary); None: this process's own counters decide."""
-        self.starts.append(self._tick)
-        self.seconds.append(time.perf_counter() - self._tick)
+        start, end = max(self._ticks.popleft(), self._last_end), time.perf_counter()
+        self.starts.append(start)
+        self.seconds.append(end - start)
+        self._last_end = end
         self.tokens.append(tokens)
         self.straggler_work.append(straggler_work)
         if self.straggler_compute:

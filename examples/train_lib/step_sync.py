@@ -7,6 +7,9 @@ skipped examples so far) and a digest of its sample ids. One all-gather and one 
 only host sync), every rank holds every rank's row and so takes the same decisions: skip the optimizer step when
 any rank's loss or the gradient norm is not finite, stop when any rank was asked to, raise when the data is mostly
 bad, and call a step warm-up when any rank compiled in it (the others waited for it at the step's collectives).
+The copy can be read a step late (`start_step_summary`, then `PendingSummary.read()`): the skip decision itself
+stays on the device (`found_inf()`) for an optimizer that takes it, and the loop reads the summary once the next
+step's work is queued, so that the device never waits for the host between steps.
 
 Stragglers. Every step ends in collectives that wait for the slowest rank, so a rank given more work than the
 others slows all of them; packing makes ranks' work differ although their row counts agree (tokens, images and
@@ -90,10 +93,16 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: int, samples: int, sample_ids: list,
-                        samples_seen: int, skipped: list[int], stop: bool, work: float,
-                        compute_ms: float, compiled: bool = False) -> StepSummary:
-    """All-gather every rank's figures for the step (one collective, one host sync) and sum them.
+def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, **figures) -> StepSummary:
+    """All-gather every rank's figures for the step and read them (one collective, one host sync); see
+    `start_step_summary` for the arguments."""
+    return start_step_summary(accelerator, loss, grad_norm, **figures).read()
+
+
+def start_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: int, samples: int, sample_ids: list,
+                       samples_seen: int, skipped: list[int], stop: bool, work: float,
+                       compute_ms: float, compiled: bool = False) -> PendingSummary:
+    """Queue the all-gather of every rank's figures for the step and their copy to the host; `read()` waits for it.
 
     `work`: this rank's modelled FLOPs for the step; `compute_ms`: its forward time in the previous step, NaN if
     not measured (see the module doc)."""
@@ -108,18 +117,50 @@ def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: i
         host.insert(0, math.nan if grad_norm is None else float(grad_norm))
     on_device = [value.detach().to(torch.float64).reshape(1) for value in on_device]
     vector = torch.cat([*on_device, host_to_device(torch.tensor(host, dtype=torch.float64), device)])
-    rows = accelerator.gather(vector).cpu().view(accelerator.num_processes, -1)  # the host sync
+    rows = accelerator.gather(vector).view(accelerator.num_processes, -1)
+    return PendingSummary(rows, skip_columns=len(skipped), norm_measured=grad_norm is not None)
+
+
+class PendingSummary:
+    """A step summary on its way to the host: the gathered rows on the device, their copy queued behind them.
+
+    `found_inf()` is the skip decision left on the device, for an optimizer that takes it (fused AdamW): the host
+    need not wait for the summary before queueing the optimizer step, nor the device for the host."""
+
+    def __init__(self, rows: torch.Tensor, skip_columns: int, norm_measured: bool):
+        self.rows, self.skip_columns, self.norm_measured = rows, skip_columns, norm_measured
+        self.copy, self.copied = rows, None
+        if rows.device.type == "cuda":  # the copy into pinned memory waits for nothing on the host
+            self.copy = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            self.copy.copy_(rows, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def found_inf(self) -> torch.Tensor:
+        """1.0 (skip the step) when any rank's loss or the gradient norm is not finite, else 0.0; on the device."""
+        checked = self.rows[:, :2] if self.norm_measured else self.rows[:, :1]
+        return (~torch.isfinite(checked).all()).to(torch.float32)
+
+    def read(self) -> StepSummary:
+        """Wait for the copy (the host sync) and sum the ranks' rows."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return summarise(self.copy.cpu(), self.skip_columns, self.norm_measured)
+
+
+def summarise(rows: torch.Tensor, skip_columns: int, norm_measured: bool) -> StepSummary:
+    """The ranks' rows (one per rank, as `start_step_summary` lays them out) summed into the step's summary."""
     losses, norms = rows[:, 0], rows[:, 1]
     columns = {name: rows[:, 2 + i] for i, name in enumerate(HOST_FIELDS)}
     skip_start = 2 + len(HOST_FIELDS)
-    skipped_by_rank = rows[:, skip_start : skip_start + len(skipped)]
-    rank_digests = rows[:, skip_start + len(skipped) :].to(torch.int64).tolist()
+    skipped_by_rank = rows[:, skip_start : skip_start + skip_columns]
+    rank_digests = rows[:, skip_start + skip_columns :].to(torch.int64).tolist()
     digest = hashlib.sha1(b"".join(struct.pack(f">{DIGEST_WORDS}I", *words) for words in rank_digests)).hexdigest()
     loss_finite = bool(torch.isfinite(losses).all())
-    finite = loss_finite and (grad_norm is None or bool(torch.isfinite(norms).all()))
+    finite = loss_finite and (not norm_measured or bool(torch.isfinite(norms).all()))
     return StepSummary(
         loss=float(losses.sum()),
-        grad_norm=None if grad_norm is None else float(norms.max()),  # equal on all ranks: synchronised gradients
+        grad_norm=float(norms.max()) if norm_measured else None,  # equal on all ranks: synchronised gradients
         finite=finite,
         loss_finite=loss_finite,
         tokens=int(columns["tokens"].sum()),
