@@ -406,3 +406,23 @@ def test_skips_show_in_the_progress_bar_and_the_trackers(tmp_path, capsys):
     scalars = EventAccumulator(str(events_file)).Reload()
     assert scalars.Scalars("skipped/too_long")[-1].value == skipped
     assert scalars.Scalars("skipped_examples")[-1].value == skipped
+
+
+def test_the_loop_runs_on_one_intra_op_thread_on_an_accelerator_and_gives_the_threads_back():
+    """On a GPU the loop's host ops are small and the loader's workers share the cores: one intra-op thread (see
+    `one_intra_op_thread_unless_on_cpu`); a CPU run keeps its threads, and the threads come back after the loop."""
+    from train_lib.loop import one_intra_op_thread_unless_on_cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_intra_op_thread_unless_on_cpu(torch.device("cuda", 0)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with one_intra_op_thread_unless_on_cpu(torch.device("cpu")):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_intra_op_thread_unless_on_cpu(torch.device("cuda", 0)):
+            raise RuntimeError("a failed step")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
