@@ -187,8 +187,9 @@ class ForwardTimer:
     there the times include those waits, and the ratio understates the imbalance (`straggler_work` does not).
 
     On a GPU, a pair of CUDA events around each forward (recording one is no host sync). Their times are read a step
-    later, after that step's summary copy made the host wait for the device, when they are complete: reading them
-    sooner would wait, a second host sync per step. On a CPU the forward runs on the host: perf_counter.
+    later, when the next step's forward and backward are queued and the device has long finished them: reading them
+    sooner would wait, a second host sync per step. An event not yet complete is never waited for: that step's time
+    is NaN (not measured). On a CPU the forward runs on the host: perf_counter.
     """
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
