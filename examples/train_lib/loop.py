@@ -136,11 +136,11 @@ def one_intra_op_thread_unless_on_cpu(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def skips_on_device(optimizer, accelerator) -> bool:
+def skips_on_device(torch_optimizer, accelerator) -> bool:
     """Whether a non-finite step can be skipped without the host: fused Adam(W) takes the decision as `found_inf`.
     DeepSpeed steps inside its own backward; fp16's GradScaler sets `found_inf` itself."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
-    return (isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused"))
+    return (isinstance(torch_optimizer, torch.optim.Adam | torch.optim.AdamW)
+            and bool(torch_optimizer.defaults.get("fused"))
             and accelerator.state.deepspeed_plugin is None and accelerator.scaler is None)
 
 
@@ -184,7 +184,8 @@ class Trainer:
         self.deepspeed = accelerator.state.deepspeed_plugin is not None
         self.nan_steps = {int(s) for s in train_args.inject_nan_steps.split(",") if s.strip()}
         self.step_number = state["step"]  # the step being run; state["step"] counts the steps read and recorded
-        self.late_reads = skips_on_device(optimizer, accelerator) and not options.test_read_summaries_at_once
+        self.torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+        self.late_reads = skips_on_device(self.torch_optimizer, accelerator) and not options.test_read_summaries_at_once
         self.pending: tuple[PendingSummary, list] | None = None  # a step read late: its summary and sample ids
         self.eval_every = train_args.eval_every if evaluate is not None else 0
         self.checkpointer = Checkpointer(accelerator, train_args, pipeline, model, processor)
@@ -286,12 +287,11 @@ class Trainer:
 
     def optimizer_step_skipped_on_device(self, pending: PendingSummary) -> None:
         """Queue the optimizer step with the skip decision left on the device (`skips_on_device`)."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        inner.found_inf = pending.found_inf()
+        self.torch_optimizer.found_inf = pending.found_inf()
         try:
             self.optimizer.step()
         finally:
-            del inner.found_inf
+            del self.torch_optimizer.found_inf
 
     def may_read_late(self, step: int) -> bool:
         """Whether step `step`'s summary may wait for the next step: not where the step must be complete when it
