@@ -33,6 +33,7 @@ from train_lib.hub import check_push_target, push_final
 from train_lib.loop import Trainer, host_syncs_per_step, slow_down_checkpoint_writes, split_loop_options
 from train_lib.model_card import write_model_card
 from train_lib.model_factory import build_model_and_processor, parameter_counts, select_trainable
+from train_lib.preemption import compile_workers_through_sigterm
 from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_final, write_report
 from train_lib.resume import resume_from
 from transformers import get_scheduler
@@ -125,6 +126,8 @@ def use_fast_path(model, train_args, accelerator) -> None:
     if train_args.compile if train_args.compile is not None else (on_gpu and not zero3):
         # Packed images have one length a batch, from a bounded set: static shapes for flex attention's kernels.
         compile_layers(model, vision_shapes="static" if pack_vision else "dynamic")
+    if on_gpu or train_args.compile:  # flex attention and compiled layers compile at any step a new shape comes
+        compile_workers_through_sigterm()  # a scheduler's SIGTERM to the group must not kill them (preemption.py)
 
 
 @dataclass

@@ -297,6 +297,39 @@ def test_loader_workers_leave_the_job_process_group_and_keep_serving_batches():
     batches.close()
 
 
+COMPILE_POOL_AFTER_SIGTERM = """
+import operator, os, signal, sys, time
+from train_lib.preemption import StopRequested, compile_workers_through_sigterm
+from torch._inductor.async_compile import AsyncCompile
+stop = StopRequested()
+if sys.argv[1] == "held back":
+    compile_workers_through_sigterm()
+pool = AsyncCompile.process_pool()  # the one the helper started, or a plain one
+assert pool.submit(operator.add, 1, 2).result(timeout=60) == 3
+os.killpg(0, signal.SIGTERM)  # the scheduler's SIGTERM to the job's group, while the pool lives
+while not stop.requested:
+    time.sleep(0.01)
+time.sleep(1)  # the sidecar, had it received it, is dead by now
+try:
+    print("answered", pool.submit(operator.add, 2, 3).result(timeout=float(sys.argv[2])))
+except Exception:  # TimeoutError where torch waits for the dead sidecar; an error where it notices
+    print("no answer")
+"""
+
+
+@pytest.mark.parametrize("start", ["held back", "plain"])
+def test_inductors_compile_workers_still_compile_after_a_sigterm_to_the_group(start):
+    """A recompilation after the scheduler's SIGTERM (a new image shape) must not wait forever for compile workers
+    the signal killed: the step would never end and the checkpoint never be written. Started plainly they die
+    (the control: torch waits for them), started by `compile_workers_through_sigterm` they answer."""
+    env = {**child_env(), "TORCHINDUCTOR_COMPILE_THREADS": "2"}
+    wait = 20 if start == "held back" else 3
+    job = subprocess.run([sys.executable, "-c", COMPILE_POOL_AFTER_SIGTERM, start, str(wait)], env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.split() == (["answered", "5"] if start == "held back" else ["no", "answer"])
+
+
 def test_a_run_with_loader_workers_that_fails_still_exits(tmp_path):
     """Workers that ignored SIGTERM would hang the process at exit after an error (multiprocessing's exit handler
     terminates daemonic children and waits): the data check failing here must end the job."""

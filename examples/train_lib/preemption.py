@@ -13,6 +13,11 @@ its move is dropped there. Signals from the training process still reach them as
 parent's `terminate()` at shutdown), and a worker whose parent died still ends on its own (torch's watchdog).
 Ignoring SIGTERM in the workers instead would hang the process at exit after an error: multiprocessing's exit
 handler terminates daemonic children and waits for them.
+
+Inductor's compile workers (a sidecar process and its pool, started at the first compilation) must not receive it
+either: the sidecar dies on it, and torch (2.11 hangs, measured on an H100; 2.13 on CPU too) then waits forever for
+the next compilation, which a new image shape brings at any step. `compile_workers_through_sigterm` starts them
+with SIGTERM held back, which they inherit for good; they still end with the training process (torch's watchdog).
 """
 
 from __future__ import annotations
@@ -62,6 +67,14 @@ def sigterm_held_back():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def compile_workers_through_sigterm() -> None:
+    """Start Inductor's compile workers now, with SIGTERM held back in them (see the module docstring)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    with sigterm_held_back():
+        AsyncCompile.warm_pool()  # nothing to start where Inductor compiles in this process (one compile thread)
 
 
 def batches_through_sigterm(loader):
