@@ -115,6 +115,25 @@ def test_caption_pairs_from_parquet_all_arrive_with_the_image_first(processor, t
     assert first_tokens == [processor.tokenizer.bos_token_id, processor.boi_token_id]
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
+def test_a_pinning_loader_pins_every_tensor_of_the_batch_and_keeps_it_a_batch_feature(processor, tmp_path, monkeypatch):
+    """`pin_memory=True` (the trainer's setting on a GPU): torch's pinning thread walks what the workers send. The
+    batch must come out a `BatchFeature` (the loop calls its `.to(device, non_blocking=True)`) with every tensor
+    pinned, and the report beside it untouched. Pinning needs an accelerator, so `Tensor.pin_memory` is stood in."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+    from transformers import BatchFeature
+
+    loader = build_train_dataloader(config(captions_parquet(tmp_path, 12), pin_memory=True), processor, SEQ_LEN)
+    assert loader.loader.pin_memory
+    batch, report = next(iter(loader.loader))  # what the loader's pinning thread receives
+    pinned = set()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.add(id(t)) or t.clone())
+    pinned_batch, pinned_report = pin_memory((batch, report))
+    assert type(pinned_batch) is BatchFeature and pinned_report == report
+    assert pinned == {id(value) for value in batch.values()} and pinned_batch.keys() == batch.keys()
+    assert all(torch.equal(pinned_batch[key], batch[key]) for key in batch)
+
+
 def test_caption_pairs_from_a_webdataset_tar_stream(processor, tmp_path):
     path = tmp_path / "shard-000.tar"
     with tarfile.open(path, "w") as tar:

@@ -44,6 +44,9 @@ class DataConfig:
     packing_max_wait: int = 4
     num_workers: int = 0
     prefetch_factor: int | None = None
+    # Batches in page-locked memory (the loader's pinning thread), so that their copy to a GPU is queued without
+    # the host first waiting for the GPU's queue to drain, which a copy from pageable memory does.
+    pin_memory: bool = False
     strict: bool = False
 
     def __post_init__(self):

@@ -79,6 +79,7 @@ class PackedDataLoader:
                 num_workers=config.num_workers,
                 collate_fn=_as_is,
                 prefetch_factor=config.prefetch_factor if config.num_workers else None,
+                pin_memory=config.pin_memory,
             )
         self._skipped_by_worker: dict[str, dict[str, int]] = {}
         self.skip_examples: dict[str, str] = {}
