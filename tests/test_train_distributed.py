@@ -325,7 +325,7 @@ def test_inductors_compile_workers_still_compile_after_a_sigterm_to_the_group(st
     env = {**child_env(), "TORCHINDUCTOR_COMPILE_THREADS": "2"}
     wait = 20 if start == "held back" else 3
     job = subprocess.run([sys.executable, "-c", COMPILE_POOL_AFTER_SIGTERM, start, str(wait)], env=env,
-                         capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True)
+                         capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True, check=False)
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.split() == (["answered", "5"] if start == "held back" else ["no", "answer"])
 
