@@ -24,13 +24,16 @@ class Variant:
     compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
     vision_shapes: str = "dynamic"  # encoder layers: "dynamic" (all dims symbolic) or "bucket" (see train_worker)
     packed_vision: bool = False  # the vision tower over one sequence of all valid patches (static shapes per length)
+    # The batch's image grids and target positions read on the host before it moves (`HostBatchLayout`), as
+    # examples/train.py does: without it the forward reads them back from the GPU, two host syncs a step.
+    host_layout: bool = False
 
     @property
     def is_baseline(self) -> bool:
         return not self.packed
 
 
-FULL = dict(chunked_loss=True, grouped_pos=True, flex=True, compiled=True)
+FULL = dict(chunked_loss=True, grouped_pos=True, flex=True, compiled=True, host_layout=True)
 VARIANTS = {
     v.name: v
     for v in [

@@ -5,7 +5,8 @@
 #                                           # SIGKILL + exact resume; 4 -> 2 and 2 -> 4; ZeRO refusal; two nodes
 #   bash benchmarks/gpu_scaleout.sh speed   # tokens/s per GPU on 1, 2 and 4 GPUs (FSDP2), ZeRO-3 and DDP on 4,
 #                                           # loader headroom, then the 8B config on 4 (SPEED_JOBS narrows the
-#                                           # jobs; SKIP_EXTRAS=1 skips the loader and the 8B; SPEED_ARGS adds
+#                                           # jobs, "none" runs none; SKIP_EXTRAS=1 skips the loader and the 8B,
+#                                           # SKIP_LOADER=1 the loader only; ARGS_8B adds to the 8B; SPEED_ARGS adds
 #                                           # train.py arguments to every job, e.g. "--profile_steps 5"; a job
 #                                           # may carry a label and arguments of its own)
 #
@@ -155,6 +156,7 @@ speed)
   # One job at a time, alone on its GPUs: per-GPU tokens/s on 1, 2 and 4 (FSDP2), then ZeRO-3 and DDP on 4.
   # SPEED_JOBS narrows the list (e.g. "fsdp2 0 x1;fsdp2 0,1 x2;fsdp2 0,1,2,3 x4" when device time is short).
   IFS=';' read -r -a JOBS <<<"${SPEED_JOBS:-fsdp2 0 x1;fsdp2 0,1 x2;fsdp2 0,1,2,3 x4;deepspeed_zero3 0,1,2,3 x4;ddp 0,1,2,3 x4}"
+  [ "${SPEED_JOBS:-}" = none ] && JOBS=()  # e.g. the 8B config alone: SPEED_JOBS=none SKIP_LOADER=1
   # A job is "BACKEND GPUS xN [LABEL train.py arguments...]"; a labelled job is compared with FSDP2 on one GPU under
   # the same label (e.g. "fsdp2 0 x1 rows4 --rows_per_batch 4;fsdp2 0,1,2,3 x4 rows4 --rows_per_batch 4").
   for job in "${JOBS[@]}"; do
@@ -164,13 +166,14 @@ speed)
   done
   [ "${SKIP_EXTRAS:-0}" = 1 ] && { finish speed; exit 0; }
   # The loader alone (batches per second with the configs' worker count), beside the steps per second above.
-  timeout 90 python3 benchmarks/bench_loader.py --config examples/configs/bench_1b_images.yaml \
+  [ "${SKIP_LOADER:-0}" = 1 ] || timeout 90 python3 benchmarks/bench_loader.py --config examples/configs/bench_1b_images.yaml \
     --data_files "/tmp/images/images-*.parquet" --workers 2 8 --repeats 1 > "$LOGS/loader_headroom.log" 2>&1
   finish speed
-  # The 8B config (Llama-3.1-8B + so400m dimensions) on 4 GPUs, with whatever time the call has left.
+  # The 8B config (Llama-3.1-8B + so400m dimensions) on 4 GPUs, with whatever time the call has left. ARGS_8B adds
+  # train.py arguments, e.g. "--gradient_checkpointing false --rows_per_batch 1" (no recompute, one row a micro-batch).
   LIMIT=${LIMIT_8B:-240} run speed_8b_fsdp2_x4 fsdp2_reshard 0,1,2,3 --config examples/configs/llama3_1_8b_siglip2_so400m.yaml \
     --dataset parquet --data_files "/tmp/images/images-*.parquet" --max_steps ${STEPS_8B:-25} --checkpoint_every 0 \
-    --report_to none --output_dir "$RUNS/speed_8b_fsdp2_x4"
+    --report_to none --output_dir "$RUNS/speed_8b_fsdp2_x4" ${ARGS_8B:-}
   ;;
 *) echo "unknown phase $phase: check or speed"; exit 2 ;;
 esac

@@ -17,6 +17,7 @@ Shape letters: B rows, S tokens per row, N images, L patches per (padded) image,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -57,6 +58,7 @@ from modeling_llama3_siglip2.efficient_ops import (
     use_grouped_position_embeddings,
     use_packed_vision,
 )
+from modeling_llama3_siglip2.host_layout import HostBatchLayout
 from processing.collator import IGNORE_INDEX, MultimodalPackingCollator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -155,8 +157,9 @@ def percentiles(values: list[float]) -> dict:
 class Stepper:
     """One training step: forward and loss under bf16 autocast, backward, fused AdamW; phase marks when profiling."""
 
-    def __init__(self, model, loss_fn, device: torch.device):
+    def __init__(self, model, loss_fn, device: torch.device, host_layout: bool = False):
         self.model, self.loss_fn, self.device, self.phases = model, loss_fn, device, None
+        self.host_layout = host_layout
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     def mark(self, name: str) -> None:
@@ -164,8 +167,11 @@ class Stepper:
             self.phases.mark(name)
 
     def __call__(self, batch) -> torch.Tensor:
+        layout = contextlib.nullcontext()
+        if self.host_layout:  # built from the host batch in every step, as the trainer does
+            layout = self.model.host_layout(HostBatchLayout.of(batch.tensors, self.model.config))
         tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.tensors.items()}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16), layout:
             loss = self.loss_fn(self.model, tensors)
         self.mark("backward")
         loss.backward()
@@ -186,7 +192,7 @@ def setup(args, batch_count: int):
             batch.tensors = {k: v.pin_memory() for k, v in batch.tensors.items()}
     model = build_model(config, device)
     loss_fn, note = prepare(model, variant, args)
-    return model, Stepper(model, loss_fn, device), batches, note
+    return model, Stepper(model, loss_fn, device, variant.host_layout), batches, note
 
 
 def run(args) -> dict:
