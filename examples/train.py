@@ -132,21 +132,6 @@ def use_fast_path(model, train_args, accelerator) -> None:
         compile_workers_through_sigterm()  # a scheduler's SIGTERM to the group must not kill them (preemption.py)
 
 
-def configure_deepspeed(plugin, rows_per_batch: int) -> None:
-    """What DeepSpeed's config cannot know from accelerate's: the micro-batch size (we feed DeepSpeed our own packed
-    batches, not a prepared DataLoader it could read the size from) and, under ZeRO-3, the plain `F.linear`.
-
-    ZeRO-3's `memory_efficient_linear` (on by default) replaces `torch.nn.functional.linear` process-wide with an
-    autograd Function of its own. Inside compiled layers each call becomes a frame of its own that recompiles for
-    every weight shape until dynamo makes its sizes symbolic, and flex attention's lowering then fails on the
-    symbolic head count (BENCHMARKS.md). The plain linear is correct under ZeRO-3: its hooks gather a layer's
-    weights again before that layer's backward. A config file that sets the key keeps its value."""
-    config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = rows_per_batch
-    if plugin.zero_stage == 3:
-        config.setdefault("zero_optimization", {}).setdefault("memory_efficient_linear", False)
-
-
 @dataclass
 class ModelCounts:
     """Counted before `accelerate.prepare`, which partitions the parameters (ZeRO-3, FSDP2); ZeRO-3's `zero.Init`
@@ -178,7 +163,8 @@ def build_training(accelerator, model_args, data_args, train_args):
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps,
                               num_training_steps=train_args.max_steps)
     if accelerator.state.deepspeed_plugin is not None:
-        configure_deepspeed(accelerator.state.deepspeed_plugin, data_args.rows_per_batch)
+        # We feed DeepSpeed our own packed batches, not a prepared DataLoader it could read the size from.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, processor, pipeline, optimizer, scheduler, counts
 

@@ -159,18 +159,3 @@ def test_parameter_counts_see_through_zero3_partitioning():
         parameter.data = torch.empty(0, dtype=parameter.dtype)
     assert parameter_counts(model) == expected_counts
     assert flops_per_token(model, data_args.seq_len) == expected_flops
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_gets_the_micro_batch_and_zero3_the_plain_linear(stage):
-    """ZeRO-3's own F.linear splits compiled layers into frames whose sizes go symbolic (train.configure_deepspeed);
-    a config file that sets the key keeps its value, and ZeRO-2 never replaces F.linear, so it is left alone."""
-    import train
-
-    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": {"stage": stage}})
-    train.configure_deepspeed(plugin, rows_per_batch=3)
-    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
-    assert plugin.deepspeed_config["zero_optimization"].get("memory_efficient_linear") == (False if stage == 3 else None)
-    kept = SimpleNamespace(zero_stage=3, deepspeed_config={"zero_optimization": {"memory_efficient_linear": True}})
-    train.configure_deepspeed(kept, rows_per_batch=1)
-    assert kept.deepspeed_config["zero_optimization"]["memory_efficient_linear"] is True
