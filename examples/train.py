@@ -109,8 +109,7 @@ def use_fast_path(model, train_args, accelerator) -> None:
 
     ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
     the whole weight. Its layers stay eager unless `--compile true`, which failed with torch 2.11 and DeepSpeed 0.19.8:
-    Inductor could not lower flex attention in the layers compiled under ZeRO-3's hooks (BENCHMARKS.md), a lowering
-    that fails on symbolic lengths; so under ZeRO-3 the decoder layers compile with static shapes only."""
+    Inductor could not lower flex attention in the layers compiled under ZeRO-3's hooks (BENCHMARKS.md)."""
     on_gpu = accelerator.device.type == "cuda"
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
@@ -126,8 +125,7 @@ def use_fast_path(model, train_args, accelerator) -> None:
         use_vision_attention(model)  # padded images: sdpa's mask, built without reading it back (a host sync)
     if train_args.compile if train_args.compile is not None else (on_gpu and not zero3):
         # Packed images have one length a batch, from a bounded set: static shapes for flex attention's kernels.
-        compile_layers(model, vision_shapes="static" if pack_vision else "dynamic",
-                       decoder_dynamic=False if zero3 else None)
+        compile_layers(model, vision_shapes="static" if pack_vision else "dynamic")
     if on_gpu or train_args.compile:  # flex attention and compiled layers compile at any step a new shape comes
         compile_workers_through_sigterm()  # a scheduler's SIGTERM to the group must not kill them (preemption.py)
 

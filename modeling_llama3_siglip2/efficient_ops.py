@@ -228,8 +228,7 @@ def use_grouped_position_embeddings(vision_tower: nn.Module, enabled: bool = Tru
     return len(embeddings)
 
 
-def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", decoder_dynamic: bool | None = None,
-                   **compile_kwargs) -> int:
+def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", **compile_kwargs) -> int:
     """`torch.compile` each Llama decoder layer and SigLIP2 encoder layer in place; returns how many.
 
     Layers rather than the whole model: the repeated block is compiled once and reused, the Python between layers
@@ -245,11 +244,6 @@ def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", decoder_dyn
       one dimension, the packed length, takes few values (`packed_patch_length`); flex attention's kernels then see
       static lengths. The recompile limit is raised to fit them.
 
-    `decoder_dynamic` is `torch.compile`'s `dynamic` for the decoder layers: None (its default) lets a second row
-    shape make the graph dynamic; False keeps every shape static, for flex attention's lowering, which fails on
-    symbolic lengths (pytorch/pytorch#147756) when something else, such as ZeRO-3's parameter hooks, makes a frame
-    recompile.
-
     Decoder and encoder layers share transformers' `forward_with_checkpointing` frame, so they count against one
     `torch._dynamo.config.cache_size_limit` (8 by default): two graphs, plus one per bucket.
     """
@@ -264,7 +258,7 @@ def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", decoder_dyn
     count = 0
     for module in model.modules():
         if isinstance(module, LlamaDecoderLayer):
-            module.compile(**{"dynamic": decoder_dynamic, **compile_kwargs})
+            module.compile(**compile_kwargs)
         elif isinstance(module, Siglip2EncoderLayer):
             module.compile(**{"dynamic": vision_shapes == "dynamic", **compile_kwargs})
         elif isinstance(module, Siglip2Encoder) and vision_shapes == "bucket":

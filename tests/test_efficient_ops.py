@@ -244,34 +244,6 @@ def test_compiled_layers_compute_what_the_eager_layers_compute(built):
     assert any("layer_norm" in op for op in traced), "no SigLIP2 layer was traced"
 
 
-@pytest.mark.parametrize("decoder_dynamic", [None, False])
-def test_static_decoder_layers_never_trace_a_symbolic_length(built, decoder_dynamic):
-    """ZeRO-3 compiles the decoder with `decoder_dynamic=False`: flex attention's lowering fails on symbolic lengths.
-    Two row lengths: the default makes the second length's graphs dynamic (the control), static makes static ones."""
-    from modeling_llama3_siglip2 import Llama3Siglip2ForConditionalGeneration
-
-    model, _ = built
-    compiled = Llama3Siglip2ForConditionalGeneration(model.config).eval()
-    compiled.load_state_dict(model.state_dict())
-    symbolic = []
-
-    def recording_backend(graph_module, example_inputs):
-        if any("silu" in str(node.target) for node in graph_module.graph.nodes):  # a decoder layer's graph
-            values = [node.meta.get("example_value") for node in graph_module.graph.find_nodes(op="placeholder")]
-            symbolic.append(any(isinstance(v, torch.SymInt) or (torch.is_tensor(v) and any(
-                isinstance(d, torch.SymInt) for d in v.shape)) for v in values))
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    compile_layers(compiled, decoder_dynamic=decoder_dynamic, backend=recording_backend)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for S in (24, 40):
-            compiled(input_ids=torch.randint(0, 200, (1, S), generator=generator))
-    layers = model.config.text_config.num_hidden_layers  # one graph a layer and length (each layer guards on itself)
-    assert symbolic == [False] * layers + [decoder_dynamic is None] * layers, symbolic
-
-
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 3), st.lists(st.integers(1, 300), min_size=1, max_size=40), st.booleans())
 def test_document_block_mask_has_create_block_masks_blocks(blocks, B, sample_lengths, causal):
