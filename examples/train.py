@@ -130,6 +130,19 @@ def use_fast_path(model, train_args, accelerator) -> None:
         compile_workers_through_sigterm()  # a scheduler's SIGTERM to the group must not kill them (preemption.py)
 
 
+def use_zero3_leaf_layers(model) -> int:
+    """Make each Llama decoder layer and SigLIP2 encoder layer one unit for ZeRO-3 (DeepSpeed's leaf modules): its
+    weights are gathered together when the layer is called, by one pair of hooks, instead of by hooks on each of its
+    ~10 submodules. Those hooks were the step's cost: on 2 H100s DeepSpeed's per-module hooks kept the host busy
+    ~850 ms a step around ~200 ms of computation (BENCHMARKS.md). The layers compute the same
+    (tests/test_zero3_leaf_layers.py). Returns how many layers."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
+
+    return len(set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer]))
+
+
 @dataclass
 class ModelCounts:
     """Counted before `accelerate.prepare`, which partitions the parameters (ZeRO-3, FSDP2); ZeRO-3's `zero.Init`
@@ -160,9 +173,12 @@ def build_training(accelerator, model_args, data_args, train_args):
                                   fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps,
                               num_training_steps=train_args.max_steps)
-    if accelerator.state.deepspeed_plugin is not None:
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
         # We feed DeepSpeed our own packed batches, not a prepared DataLoader it could read the size from.
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch
+        if plugin.zero_stage == 3:
+            use_zero3_leaf_layers(model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, processor, pipeline, optimizer, scheduler, counts
 
