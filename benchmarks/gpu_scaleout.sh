@@ -170,7 +170,7 @@ speed)
     --data_files "/tmp/images/images-*.parquet" --workers 2 8 --repeats 1 > "$LOGS/loader_headroom.log" 2>&1
   finish speed
   # The 8B config (Llama-3.1-8B + so400m dimensions) on 4 GPUs, with whatever time the call has left. ARGS_8B adds
-  # train.py arguments, e.g. "--gradient_checkpointing false --rows_per_batch 1" (no recompute, one row a micro-batch).
+  # train.py arguments, e.g. "--gradient_checkpointing true --rows_per_batch 2" (the second session's setting).
   LIMIT=${LIMIT_8B:-240} run speed_8b_fsdp2_x4 fsdp2_reshard 0,1,2,3 --config examples/configs/llama3_1_8b_siglip2_so400m.yaml \
     --dataset parquet --data_files "/tmp/images/images-*.parquet" --max_steps ${STEPS_8B:-25} --checkpoint_every 0 \
     --report_to none --output_dir "$RUNS/speed_8b_fsdp2_x4" ${ARGS_8B:-}
