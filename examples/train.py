@@ -108,8 +108,11 @@ def use_fast_path(model, train_args, accelerator) -> None:
     function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa.
 
     ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
-    the whole weight. Its layers stay eager unless `--compile true`, which failed with torch 2.11 and DeepSpeed 0.19.8:
-    Inductor could not lower flex attention in the layers compiled under ZeRO-3's hooks (BENCHMARKS.md)."""
+    the whole weight. Its layers stay eager unless `--compile true`. That failed with torch 2.11 and DeepSpeed 0.19.8:
+    traced, ZeRO-3's hooks broke each layer's graph and recompiled per layer, until Inductor met a symbolic size it
+    could not lower flex attention with (BENCHMARKS.md). So under ZeRO-3 the layers, leaf modules of DeepSpeed's
+    (`use_zero3_leaf_layers`), compile their forward only, with the hooks eager around it: one graph a layer kind on
+    the CPU (tests/test_zero3_leaf_layers.py), not yet run on a GPU."""
     on_gpu = accelerator.device.type == "cuda"
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
@@ -125,7 +128,7 @@ def use_fast_path(model, train_args, accelerator) -> None:
         use_vision_attention(model)  # padded images: sdpa's mask, built without reading it back (a host sync)
     if train_args.compile if train_args.compile is not None else (on_gpu and not zero3):
         # Packed images have one length a batch, from a bounded set: static shapes for flex attention's kernels.
-        compile_layers(model, vision_shapes="static" if pack_vision else "dynamic")
+        compile_layers(model, vision_shapes="static" if pack_vision else "dynamic", trace_hooks=not zero3)
     if on_gpu or train_args.compile:  # flex attention and compiled layers compile at any step a new shape comes
         compile_workers_through_sigterm()  # a scheduler's SIGTERM to the group must not kill them (preemption.py)
 

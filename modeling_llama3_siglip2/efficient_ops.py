@@ -228,7 +228,8 @@ def use_grouped_position_embeddings(vision_tower: nn.Module, enabled: bool = Tru
     return len(embeddings)
 
 
-def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", **compile_kwargs) -> int:
+def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", trace_hooks: bool = True,
+                   **compile_kwargs) -> int:
     """`torch.compile` each Llama decoder layer and SigLIP2 encoder layer in place; returns how many.
 
     Layers rather than the whole model: the repeated block is compiled once and reused, the Python between layers
@@ -246,6 +247,10 @@ def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", **compile_k
 
     Decoder and encoder layers share transformers' `forward_with_checkpointing` frame, so they count against one
     `torch._dynamo.config.cache_size_limit` (8 by default): two graphs, plus one per bucket.
+
+    `trace_hooks=False` compiles each layer's `forward` only and runs the layer's module hooks eagerly around it.
+    For hooks dynamo should not trace: DeepSpeed ZeRO-3's, which break the graph and recompile per layer (with the
+    layers as ZeRO-3 leaf modules, a layer then compiles whole). FSDP2's hooks are traced (the default).
     """
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2Encoder, Siglip2EncoderLayer
@@ -256,11 +261,17 @@ def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", **compile_k
         # Up to 16 packed lengths per doubling of the patch count, and the decoder's graphs share the limit.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     count = 0
+    def compile_layer(module, **kwargs):
+        if trace_hooks:
+            module.compile(**kwargs)  # the module's __call__, hooks included
+        else:
+            module.forward = torch.compile(module.forward, **kwargs)
+
     for module in model.modules():
         if isinstance(module, LlamaDecoderLayer):
-            module.compile(**compile_kwargs)
+            compile_layer(module, **compile_kwargs)
         elif isinstance(module, Siglip2EncoderLayer):
-            module.compile(**{"dynamic": vision_shapes == "dynamic", **compile_kwargs})
+            compile_layer(module, **{"dynamic": vision_shapes == "dynamic", **compile_kwargs})
         elif isinstance(module, Siglip2Encoder) and vision_shapes == "bucket":
             module.register_forward_pre_hook(_mark_image_count_dynamic, with_kwargs=True)
             continue

@@ -244,6 +244,50 @@ def test_compiled_layers_compute_what_the_eager_layers_compute(built):
     assert any("layer_norm" in op for op in traced), "no SigLIP2 layer was traced"
 
 
+def compiled_graph_count(model, trace_hooks: bool, hook) -> tuple[int, int]:
+    """(graphs dynamo made in one forward, calls of `hook`, registered on every layer after compiling)."""
+    from modeling_llama3_siglip2 import Llama3Siglip2ForConditionalGeneration
+
+    compiled = Llama3Siglip2ForConditionalGeneration(model.config).eval()
+    compiled.load_state_dict(model.state_dict())
+    graphs, hook_calls = [], []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    layers = compile_layers(compiled, trace_hooks=trace_hooks, backend=recording_backend)
+    if hook is not None:
+        for module in compiled.modules():
+            if type(module).__name__ in ("LlamaDecoderLayer", "Siglip2EncoderLayer"):
+                module.register_forward_pre_hook(lambda module, args: hook(hook_calls, args))
+    generator = torch.Generator().manual_seed(0)
+    image = naflex_batch([(4, 4)], 16, generator)
+    input_ids = torch.randint(0, 200, (1, 30), generator=generator)
+    input_ids[0, 3:19] = model.config.image_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=input_ids, **image).logits,
+                                   model(input_ids=input_ids, **image).logits)
+    assert len(hook_calls) == (layers if hook is not None else 0)
+    return len(graphs), len(hook_calls)
+
+
+def test_layers_compiled_without_their_hooks_run_the_hooks_eagerly_around_whole_graphs(built):
+    """ZeRO-3 compiles with `trace_hooks=False`: its hooks on each layer break the graph when traced. A hook that
+    cannot be traced stands in for them. Traced, it adds graphs (the control); left eager, the layers compile to the
+    graphs they make with no hook at all, and the hook still runs on every layer call."""
+    model, _ = built
+
+    def untraceable(calls, args):  # a reduction dynamo traces, then a read back to Python it cannot
+        calls.append(float(args[0].float().abs().sum()))
+
+    plain, _ = compiled_graph_count(model, trace_hooks=True, hook=None)
+    assert compiled_graph_count(model, trace_hooks=True, hook=untraceable)[0] > plain
+    assert compiled_graph_count(model, trace_hooks=False, hook=untraceable)[0] == plain
+    assert compiled_graph_count(model, trace_hooks=False, hook=None)[0] == plain
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 3), st.lists(st.integers(1, 300), min_size=1, max_size=40), st.booleans())
 def test_document_block_mask_has_create_block_masks_blocks(blocks, B, sample_lengths, causal):

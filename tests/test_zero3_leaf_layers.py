@@ -1,7 +1,7 @@
 """ZeRO-3 with each decoder and encoder layer as one DeepSpeed leaf module (`train.use_zero3_leaf_layers`): the same
 training as with DeepSpeed's per-submodule hooks, with far fewer fetches a step. Two processes on the CPU (DeepSpeed's
 CPU accelerator, gloo), one rank with an image in every batch and one with text only; skipped where DeepSpeed is not
-installed (the GPU machines carry it)."""
+installed (the GPU machines carry it). With the layers compiled as under `--compile true`, each graph is a whole layer."""
 
 from __future__ import annotations
 
@@ -22,17 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("zero3_leaf_worker.py")
 
 
-def train_two_ranks(tmp_path: Path, leaf: bool) -> tuple[list[dict], torch.Tensor]:
+def train_two_ranks(tmp_path: Path, leaf: bool, compile: bool = False) -> tuple[list[dict], torch.Tensor]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / f"leaf{int(leaf)}.json"
+    out = tmp_path / f"leaf{int(leaf)}_compile{int(compile)}.json"
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator communicates through gloo
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(WORKER), "--leaf", str(int(leaf)), "--out", str(out)]
+               str(WORKER), "--leaf", str(int(leaf)), "--compile", str(int(compile)), "--out", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text()), load_file(f"{out}.safetensors")["weights"]
@@ -50,3 +50,15 @@ def test_leaf_layers_train_the_same_with_fewer_fetches(tmp_path):
     # SGD for 4 steps: gradients equal up to the order of float sums.
     torch.testing.assert_close(leaf_weights, plain_weights, rtol=0, atol=1e-6)
     assert (plain_weights != 0).any()
+
+
+def test_leaf_layers_compile_whole_with_the_hooks_left_eager(tmp_path):
+    """What `--compile true` does under ZeRO-3: each graph is a whole layer, with no break inside (traced, DeepSpeed's
+    hooks cut every layer at each submodule), and the layers train as the eager ones do."""
+    eager, eager_weights = train_two_ranks(tmp_path, leaf=True)
+    compiled, compiled_weights = train_two_ranks(tmp_path, leaf=True, compile=True)
+    for rank in compiled:  # whole layers: a decoder layer's 7 linear layers, an encoder layer's 6, in each graph
+        assert rank["linears_per_graph"] and set(rank["linears_per_graph"]) <= {6, 7}, rank["linears_per_graph"]
+    for eager_rank, compiled_rank in zip(eager, compiled):
+        torch.testing.assert_close(compiled_rank["losses"], eager_rank["losses"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(compiled_weights, eager_weights, rtol=0, atol=1e-6)

@@ -1,6 +1,7 @@
 """One rank of tests/test_zero3_leaf_layers.py: a tiny VLM trained 4 steps under DeepSpeed ZeRO-3 (on the CPU through
 DeepSpeed's CPU accelerator and gloo), with its layers as ZeRO-3 leaf modules or not. Rank 0's batches carry an
-image, rank 1's are text only. Writes the losses, the number of DeepSpeed sub-module fetches and a digest of the
+image, rank 1's are text only; `--compile 1` compiles the layers as train.py does under ZeRO-3 (to a backend that
+records each graph's linear layers). Writes the losses, the DeepSpeed sub-module fetches, the graphs, and a digest of the
 gathered weights to --out, and the weights beside it (rank 0).
 
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/zero3_leaf_worker.py --leaf 1 --out F
@@ -40,6 +41,7 @@ def batches(processor, rank: int, count: int):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--leaf", type=int, required=True)
+    parser.add_argument("--compile", type=int, default=0, help="compile the layers as train.py does under ZeRO-3")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -68,6 +70,17 @@ def main() -> None:
                                 vision_layers=2, max_patches=16)
     model, processor = build_scratch_model(model_args, scratch_tokenizer_corpus())
     leaves = train.use_zero3_leaf_layers(model) if args.leaf else 0
+    graphs = []
+    if args.compile:
+        from modeling_llama3_siglip2.efficient_ops import compile_layers
+
+        def recording_backend(graph_module, example_inputs):  # tracing, not codegen: what dynamo cuts the layers into
+            # A linear layer is F.linear, or DeepSpeed's own (`memory_efficient_linear`) as an autograd Function.
+            graphs.append(sum(str(node.target) in ("<built-in function linear>", "autograd_function_apply")
+                              for node in graph_module.graph.nodes))
+            return graph_module.forward
+
+        compile_layers(model, trace_hooks=False, backend=recording_backend)
     # SGD: Adam would turn float noise in gradients that are zero in exact arithmetic (e.g. a key bias) into full steps.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -87,7 +100,7 @@ def main() -> None:
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         weights = torch.cat([parameter.detach().float().reshape(-1) for parameter in model.parameters()])
-    result = {"rank": rank, "leaves": leaves, "losses": losses, "fetches": fetches_per_step,
+    result = {"rank": rank, "leaves": leaves, "linears_per_graph": graphs, "losses": losses, "fetches": fetches_per_step,
               "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, result)
