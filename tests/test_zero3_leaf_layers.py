@@ -1,7 +1,8 @@
 """ZeRO-3 with each decoder and encoder layer as one DeepSpeed leaf module (`train.use_zero3_leaf_layers`): the same
 training as with DeepSpeed's per-submodule hooks, with far fewer fetches a step. Two processes on the CPU (DeepSpeed's
-CPU accelerator, gloo), one rank with an image in every batch and one with text only. DeepSpeed is a test
-dependency; where it is missing the tests are skipped. With the layers compiled as under `--compile true`, each graph is a whole layer."""
+CPU accelerator, gloo), one rank with an image in every batch and one with text only. With the layers compiled as
+under `--compile true`, each graph is a whole layer. DeepSpeed is a test dependency; where it is missing, the tests
+are skipped."""
 
 from __future__ import annotations
 
