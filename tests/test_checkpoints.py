@@ -325,7 +325,9 @@ def test_export_of_a_deepspeed_checkpoint_without_deepspeed_points_to_zero_to_fp
                                                                                    scratch_model_and_processor):
     from export_checkpoint import ExportError, main
 
-    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed, as far as any import can tell
+    # Not installed, as far as any import can tell, even where an earlier test imported its modules.
+    for name in ["deepspeed", *(name for name in sys.modules if name.startswith("deepspeed."))]:
+        monkeypatch.setitem(sys.modules, name, None)
 
     def deepspeed_layout(partial, model):  # what DeepSpeed's engine.save_checkpoint leaves, in outline
         os.makedirs(os.path.join(partial, "pytorch_model"))
