@@ -216,36 +216,10 @@ def test_decoder_attention_changes_the_decoder_only(built):
         use_decoder_attention(model, "sdpa")
 
 
-def test_compiled_layers_compute_what_the_eager_layers_compute(built):
-    """Both towers' layers go through dynamo (here to a backend that runs the traced graph: tracing, not codegen)."""
-    from modeling_llama3_siglip2 import Llama3Siglip2ForConditionalGeneration
-
-    model, _ = built
-    compiled = Llama3Siglip2ForConditionalGeneration(model.config).eval()
-    compiled.load_state_dict(model.state_dict())
-    traced_ops = []
-
-    def recording_backend(graph_module, example_inputs):
-        traced_ops.append({str(node.target) for node in graph_module.graph.nodes})
-        return graph_module.forward
-
-    count = compile_layers(compiled, backend=recording_backend)
-    assert count == model.config.text_config.num_hidden_layers + model.config.vision_config.num_hidden_layers
-    generator = torch.Generator().manual_seed(0)
-    image = naflex_batch([(4, 4)], 16, generator)
-    input_ids = torch.randint(0, 200, (1, 30), generator=generator)
-    input_ids[0, 3:19] = model.config.image_token_id
-    with torch.no_grad():
-        expected = model(input_ids=input_ids, **image).logits
-        got = compiled(input_ids=input_ids, **image).logits
-    torch.testing.assert_close(got, expected)
-    traced = set().union(*traced_ops)
-    assert any("silu" in op for op in traced), "no Llama layer was traced"
-    assert any("layer_norm" in op for op in traced), "no SigLIP2 layer was traced"
-
-
-def compiled_graph_count(model, trace_hooks: bool, hook) -> tuple[int, int]:
-    """(graphs dynamo made in one forward, calls of `hook`, registered on every layer after compiling)."""
+def compile_and_compare(model, trace_hooks: bool = True, hook=None) -> tuple[list, int]:
+    """Compile a copy of `model`'s layers to a backend that runs the traced graphs (tracing, not codegen), with `hook`
+    registered on every layer afterwards, and check one forward against the eager model: (the graphs dynamo made,
+    the number of layers compiled)."""
     from modeling_llama3_siglip2 import Llama3Siglip2ForConditionalGeneration
 
     compiled = Llama3Siglip2ForConditionalGeneration(model.config).eval()
@@ -269,8 +243,18 @@ def compiled_graph_count(model, trace_hooks: bool, hook) -> tuple[int, int]:
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=input_ids, **image).logits,
                                    model(input_ids=input_ids, **image).logits)
-    assert len(hook_calls) == (layers if hook is not None else 0)
-    return len(graphs), len(hook_calls)
+    assert len(hook_calls) == (layers if hook is not None else 0)  # a hook runs on every layer call
+    return graphs, layers
+
+
+def test_compiled_layers_compute_what_the_eager_layers_compute(built):
+    """Both towers' layers go through dynamo."""
+    model, _ = built
+    graphs, layers = compile_and_compare(model)
+    assert layers == model.config.text_config.num_hidden_layers + model.config.vision_config.num_hidden_layers
+    traced = {str(node.target) for graph in graphs for node in graph.graph.nodes}
+    assert any("silu" in op for op in traced), "no Llama layer was traced"
+    assert any("layer_norm" in op for op in traced), "no SigLIP2 layer was traced"
 
 
 def test_layers_compiled_without_their_hooks_run_the_hooks_eagerly_around_whole_graphs(built):
@@ -282,10 +266,13 @@ def test_layers_compiled_without_their_hooks_run_the_hooks_eagerly_around_whole_
     def untraceable(calls, args):  # a reduction dynamo traces, then a read back to Python it cannot
         calls.append(float(args[0].float().abs().sum()))
 
-    plain, _ = compiled_graph_count(model, trace_hooks=True, hook=None)
-    assert compiled_graph_count(model, trace_hooks=True, hook=untraceable)[0] > plain
-    assert compiled_graph_count(model, trace_hooks=False, hook=untraceable)[0] == plain
-    assert compiled_graph_count(model, trace_hooks=False, hook=None)[0] == plain
+    def graph_count(trace_hooks, hook):
+        return len(compile_and_compare(model, trace_hooks, hook)[0])
+
+    plain = graph_count(trace_hooks=True, hook=None)
+    assert graph_count(trace_hooks=True, hook=untraceable) > plain
+    assert graph_count(trace_hooks=False, hook=untraceable) == plain
+    assert graph_count(trace_hooks=False, hook=None) == plain
 
 
 @settings(max_examples=25, deadline=None)

@@ -355,7 +355,7 @@ def test_the_step_summary_takes_fsdp2s_dtensor_gradient_norm():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate
-    from train_lib.step_sync import gather_step_summary
+    from train_lib.step_sync import start_step_summary
 
     store_port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{store_port}", rank=0, world_size=1)
@@ -363,8 +363,8 @@ def test_the_step_summary_takes_fsdp2s_dtensor_gradient_norm():
         mesh = init_device_mesh("cpu", (1,))
         norm = DTensor.from_local(torch.tensor(2.5), mesh, [Replicate()])
         one_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1, gather=lambda tensor: tensor)
-        summary = gather_step_summary(one_process, torch.tensor(1.25), norm, tokens=10, samples=2, sample_ids=[4, 7],
-                                      samples_seen=2, skipped=[0, 1], stop=False, work=5.0, compute_ms=math.nan)
+        summary = start_step_summary(one_process, torch.tensor(1.25), norm, tokens=10, samples=2, sample_ids=[4, 7],
+                                     samples_seen=2, skipped=[0, 1], stop=False, work=5.0, compute_ms=math.nan).read()
     finally:
         dist.destroy_process_group()
     assert (summary.loss, summary.grad_norm, summary.finite, summary.skipped) == (1.25, 2.5, True, [0, 1])
@@ -387,7 +387,7 @@ def test_the_step_summary_vector_carries_each_ranks_figures_to_their_own_fields(
     import hashlib
     from types import SimpleNamespace
 
-    from train_lib.step_sync import gather_step_summary, sample_ids_digest
+    from train_lib.step_sync import sample_ids_digest, start_step_summary
 
     figures = [
         {"tokens": 100, "samples": 3, "sample_ids": [1, 2, 3], "samples_seen": 30, "skipped": [1, 0, 2],
@@ -398,10 +398,10 @@ def test_the_step_summary_vector_carries_each_ranks_figures_to_their_own_fields(
     rank1 = []
     recorder = SimpleNamespace(device=torch.device("cpu"), num_processes=1,
                                gather=lambda vector: rank1.append(vector.clone()) or vector)
-    gather_step_summary(recorder, torch.tensor(0.75), torch.tensor(2.0), **figures[1])
+    start_step_summary(recorder, torch.tensor(0.75), torch.tensor(2.0), **figures[1])  # records rank 1's row
     two_ranks = SimpleNamespace(device=torch.device("cpu"), num_processes=2,
                                 gather=lambda vector: torch.cat([vector, rank1[0]]))
-    summary = gather_step_summary(two_ranks, torch.tensor(0.5), torch.tensor(2.0), **figures[0])
+    summary = start_step_summary(two_ranks, torch.tensor(0.5), torch.tensor(2.0), **figures[0]).read()
 
     expected_digest = hashlib.sha1(sample_ids_digest([1, 2, 3]) + sample_ids_digest([4, 5, 6, 7, 8])).hexdigest()
     assert (summary.loss, summary.grad_norm, summary.finite, summary.stop) == (1.25, 2.0, True, True)
@@ -413,8 +413,9 @@ def test_the_step_summary_vector_carries_each_ranks_figures_to_their_own_fields(
         for figure, flag in zip(figures, flags):
             figure["compiled"] = flag
         rank1.clear()
-        gather_step_summary(recorder, torch.tensor(0.75), torch.tensor(2.0), **figures[1])
-        assert gather_step_summary(two_ranks, torch.tensor(0.5), torch.tensor(2.0), **figures[0]).compiled == any(flags)
+        start_step_summary(recorder, torch.tensor(0.75), torch.tensor(2.0), **figures[1])
+        summary_of_flags = start_step_summary(two_ranks, torch.tensor(0.5), torch.tensor(2.0), **figures[0]).read()
+        assert summary_of_flags.compiled == any(flags)
     record = summary.record(7)
     assert (record["straggler_work"], record["straggler_compute"]) == (1.5, 1.2)
 

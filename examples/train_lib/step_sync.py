@@ -93,12 +93,6 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def gather_step_summary(accelerator, loss: torch.Tensor, grad_norm, **figures) -> StepSummary:
-    """All-gather every rank's figures for the step and read them (one collective, one host sync); see
-    `start_step_summary` for the arguments."""
-    return start_step_summary(accelerator, loss, grad_norm, **figures).read()
-
-
 def start_step_summary(accelerator, loss: torch.Tensor, grad_norm, *, tokens: int, samples: int, sample_ids: list,
                        samples_seen: int, skipped: list[int], stop: bool, work: float,
                        compute_ms: float, compiled: bool = False) -> PendingSummary:
