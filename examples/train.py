@@ -111,7 +111,7 @@ def use_fast_path(model, train_args, accelerator) -> None:
     the whole weight. Its layers stay eager unless `--compile true`. That failed with torch 2.11 and DeepSpeed 0.19.8:
     traced, ZeRO-3's hooks broke each layer's graph and recompiled per layer, until Inductor met a symbolic size it
     could not lower flex attention with (BENCHMARKS.md). So under ZeRO-3 the layers, leaf modules of DeepSpeed's
-    (`use_zero3_leaf_layers`), compile their forward only, with the hooks eager around it: one graph a layer kind on
+    (`prepare_for_zero3`), compile their forward only, with the hooks eager around it: one graph a layer kind on
     the CPU (tests/test_zero3_leaf_layers.py), not yet run on a GPU."""
     on_gpu = accelerator.device.type == "cuda"
     plugin = accelerator.state.deepspeed_plugin
@@ -133,16 +133,23 @@ def use_fast_path(model, train_args, accelerator) -> None:
         compile_workers_through_sigterm()  # a scheduler's SIGTERM to the group must not kill them (preemption.py)
 
 
-def use_zero3_leaf_layers(model) -> int:
-    """Make each Llama decoder layer and SigLIP2 encoder layer one unit for ZeRO-3 (DeepSpeed's leaf modules): its
-    weights are gathered together when the layer is called, by one pair of hooks, instead of by hooks on each of its
-    ~10 submodules. Those hooks were the step's cost: on 2 H100s DeepSpeed's per-module hooks kept the host busy
-    ~850 ms a step around ~200 ms of computation (BENCHMARKS.md). The layers compute the same
-    (tests/test_zero3_leaf_layers.py). Returns how many layers."""
+def prepare_for_zero3(model, deepspeed_config: dict) -> int:
+    """Before DeepSpeed ZeRO-3 wraps the model: make each Llama decoder layer and SigLIP2 encoder layer one unit for
+    ZeRO-3 (DeepSpeed's leaf modules), and keep torch's own `F.linear` unless the config asks for DeepSpeed's.
+    Returns how many layers became leaves.
+
+    A leaf layer's weights are gathered together when the layer is called, by one pair of hooks, instead of by hooks
+    on each of its ~10 submodules. Those hooks were the step's cost: on 2 H100s DeepSpeed's per-module hooks kept the
+    host busy ~850 ms a step around ~200 ms of computation; on 4 H200s leaf layers took the step from 0.62 s to
+    0.45 s (BENCHMARKS.md). DeepSpeed's `memory_efficient_linear` (on by default) swaps `F.linear` for an autograd
+    Function whose backward reads each weight's `ds_id`: compiled, a layer then recompiles for every layer (a guard
+    on the id) until dynamo gives up. With leaf layers the whole layer is gathered through its backward anyway, which
+    is what that Function was for. Both compute the same (tests/test_zero3_leaf_layers.py)."""
     from deepspeed.utils import set_z3_leaf_modules
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 
+    deepspeed_config.setdefault("zero_optimization", {}).setdefault("memory_efficient_linear", False)
     return len(set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer]))
 
 
@@ -181,7 +188,7 @@ def build_training(accelerator, model_args, data_args, train_args):
         # We feed DeepSpeed our own packed batches, not a prepared DataLoader it could read the size from.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch
         if plugin.zero_stage == 3:
-            use_zero3_leaf_layers(model)
+            prepare_for_zero3(model, plugin.deepspeed_config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, processor, pipeline, optimizer, scheduler, counts
 

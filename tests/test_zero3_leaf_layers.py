@@ -58,8 +58,13 @@ def test_leaf_layers_compile_whole_with_the_hooks_left_eager(tmp_path):
     hooks cut every layer at each submodule), and the layers train as the eager ones do."""
     eager, eager_weights = train_two_ranks(tmp_path, leaf=True)
     compiled, compiled_weights = train_two_ranks(tmp_path, leaf=True, compile=True)
-    for rank in compiled:  # whole layers: a decoder layer's 7 linear layers, an encoder layer's 6, in each graph
-        assert rank["linears_per_graph"] and set(rank["linears_per_graph"]) <= {6, 7}, rank["linears_per_graph"]
+    for rank in compiled:
+        # Whole layers: a decoder layer's 7 linear layers, an encoder layer's 6, in each graph; all of them torch's own
+        # F.linear, as DeepSpeed's replacement read each weight's `ds_id`, and with torch 2.11 on 4 H200s dynamo then
+        # guarded on the id and recompiled every layer until it gave up.
+        graphs = rank["linears_per_graph"]
+        assert graphs and {g["torch"] for g in graphs} <= {6, 7} and not any(g["deepspeed"] for g in graphs), graphs
+        assert not [reason for reason in rank["recompiles"] if "ds_" in reason], rank["recompiles"]
     for eager_rank, compiled_rank in zip(eager, compiled):
         torch.testing.assert_close(compiled_rank["losses"], eager_rank["losses"], rtol=1e-5, atol=0)
     torch.testing.assert_close(compiled_weights, eager_weights, rtol=0, atol=1e-6)

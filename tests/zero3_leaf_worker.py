@@ -1,8 +1,8 @@
 """One rank of tests/test_zero3_leaf_layers.py: a tiny VLM trained 4 steps under DeepSpeed ZeRO-3 (on the CPU through
-DeepSpeed's CPU accelerator and gloo), with its layers as ZeRO-3 leaf modules or not. Rank 0's batches carry an
-image, rank 1's are text only; `--compile 1` compiles the layers as train.py does under ZeRO-3 (to a backend that
-records each graph's linear layers). Writes the losses, the DeepSpeed sub-module fetches, the graphs, and a digest of the
-gathered weights to --out, and the weights beside it (rank 0).
+DeepSpeed's CPU accelerator and gloo), prepared as train.py prepares it (`--leaf 1`: leaf layers, torch's `F.linear`)
+or with DeepSpeed's defaults. Rank 0's batches carry an image, rank 1's are text only; `--compile 1` compiles the
+layers as train.py does under ZeRO-3 (to a backend that records each graph's linear layers). Writes the losses, the DeepSpeed sub-module fetches, the graphs, dynamo's reasons
+for recompiling, and a digest of the gathered weights to --out, and the weights beside it (rank 0).
 
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/zero3_leaf_worker.py --leaf 1 --out F
 """
@@ -69,15 +69,16 @@ def main() -> None:
                                 text_layers=2, vision_hidden_size=16, vision_intermediate_size=32, vision_heads=2,
                                 vision_layers=2, max_patches=16)
     model, processor = build_scratch_model(model_args, scratch_tokenizer_corpus())
-    leaves = train.use_zero3_leaf_layers(model) if args.leaf else 0
+    leaves = train.prepare_for_zero3(model, plugin.deepspeed_config) if args.leaf else 0
     graphs = []
     if args.compile:
         from modeling_llama3_siglip2.efficient_ops import compile_layers
 
         def recording_backend(graph_module, example_inputs):  # tracing, not codegen: what dynamo cuts the layers into
-            # A linear layer is F.linear, or DeepSpeed's own (`memory_efficient_linear`) as an autograd Function.
-            graphs.append(sum(str(node.target) in ("<built-in function linear>", "autograd_function_apply")
-                              for node in graph_module.graph.nodes))
+            # A linear layer is torch's F.linear, or DeepSpeed's (`memory_efficient_linear`), an autograd Function.
+            targets = [str(node.target) for node in graph_module.graph.nodes]
+            graphs.append({"torch": targets.count("<built-in function linear>"),
+                           "deepspeed": targets.count("autograd_function_apply")})
             return graph_module.forward
 
         compile_layers(model, trace_hooks=False, backend=recording_backend)
@@ -100,7 +101,9 @@ def main() -> None:
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         weights = torch.cat([parameter.detach().float().reshape(-1) for parameter in model.parameters()])
-    result = {"rank": rank, "leaves": leaves, "linears_per_graph": graphs, "losses": losses, "fetches": fetches_per_step,
+    recompiles = [str(reason) for reasons in torch._dynamo.utils.guard_failures.values() for reason in reasons]
+    result = {"rank": rank, "leaves": leaves, "linears_per_graph": graphs, "recompiles": recompiles, "losses": losses,
+              "fetches": fetches_per_step,
               "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, result)
