@@ -107,12 +107,12 @@ def use_fast_path(model, train_args, accelerator) -> None:
     packed images in the vision tower (no padding patches), else the vision mask built without a host read. Each computes the same
     function as the plain path (tests/test_efficient_ops.py). Flex has no CPU backward, so CPU keeps sdpa.
 
-    ZeRO-3 keeps the chunked loss: it runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where ZeRO-3 gathers
-    the whole weight. Its layers stay eager unless `--compile true`. That failed with torch 2.11 and DeepSpeed 0.19.8:
-    traced, ZeRO-3's hooks broke each layer's graph and recompiled per layer, until Inductor met a symbolic size it
-    could not lower flex attention with (BENCHMARKS.md). So under ZeRO-3 the layers, leaf modules of DeepSpeed's
-    (`prepare_for_zero3`), compile their forward only, with the hooks eager around it: one graph a layer kind on
-    the CPU (tests/test_zero3_leaf_layers.py), not yet run on a GPU."""
+    ZeRO-3 keeps the whole fast path. The chunked loss runs inside `lm_head`'s own call (`Llama3Siglip2LMHead`), where
+    ZeRO-3 gathers the whole weight. The layers are DeepSpeed leaf modules (`prepare_for_zero3`) and compile their
+    `forward` only, with DeepSpeed's hooks eager around them: traced, the hooks broke every layer's graph until
+    Inductor met a size it could not lower flex attention with (BENCHMARKS.md). A DeepSpeed config that asks for
+    DeepSpeed's own `F.linear` (`memory_efficient_linear: true`) keeps the layers eager, as compiled they would
+    recompile for every layer."""
     on_gpu = accelerator.device.type == "cuda"
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
@@ -126,7 +126,8 @@ def use_fast_path(model, train_args, accelerator) -> None:
         use_packed_vision(model)
     elif on_gpu and model.model.vision_tower.config._attn_implementation == "sdpa":
         use_vision_attention(model)  # padded images: sdpa's mask, built without reading it back (a host sync)
-    if train_args.compile if train_args.compile is not None else (on_gpu and not zero3):
+    deepspeed_linear = zero3 and plugin.deepspeed_config.get("zero_optimization", {}).get("memory_efficient_linear")
+    if train_args.compile if train_args.compile is not None else (on_gpu and not deepspeed_linear):
         # Packed images have one length a batch, from a bounded set: static shapes for flex attention's kernels.
         compile_layers(model, vision_shapes="static" if pack_vision else "dynamic", trace_hooks=not zero3)
     if on_gpu or train_args.compile:  # flex attention and compiled layers compile at any step a new shape comes
@@ -139,12 +140,12 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     Returns how many layers became leaves.
 
     A leaf layer's weights are gathered together when the layer is called, by one pair of hooks, instead of by hooks
-    on each of its ~10 submodules. Those hooks were the step's cost: on 2 H100s DeepSpeed's per-module hooks kept the
-    host busy ~850 ms a step around ~200 ms of computation; on 4 H200s leaf layers took the step from 0.62 s to
-    0.45 s (BENCHMARKS.md). DeepSpeed's `memory_efficient_linear` (on by default) swaps `F.linear` for an autograd
-    Function whose backward reads each weight's `ds_id`: compiled, a layer then recompiles for every layer (a guard
-    on the id) until dynamo gives up. With leaf layers the whole layer is gathered through its backward anyway, which
-    is what that Function was for. Both compute the same (tests/test_zero3_leaf_layers.py)."""
+    on each of its ~10 submodules. Those hooks were the step's cost: on 2 H100s they kept the host busy ~850 ms a step
+    around ~200 ms of computation, and on 4 H100s leaf layers took the step from 0.65 s to 0.36 s (BENCHMARKS.md).
+    DeepSpeed's `memory_efficient_linear` (on by default) swaps `F.linear` for an autograd Function whose backward
+    reads each weight's `ds_id`; compiled, each layer then recompiled on a guard on that id, until dynamo gave up.
+    Either way DeepSpeed gathers the layer's weights before its backward. Both compute the same
+    (tests/test_zero3_leaf_layers.py)."""
     from deepspeed.utils import set_z3_leaf_modules
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer

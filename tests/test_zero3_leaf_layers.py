@@ -68,3 +68,27 @@ def test_leaf_layers_compile_whole_with_the_hooks_left_eager(tmp_path):
     for eager_rank, compiled_rank in zip(eager, compiled):
         torch.testing.assert_close(compiled_rank["losses"], eager_rank["losses"], rtol=1e-5, atol=0)
     torch.testing.assert_close(compiled_weights, eager_weights, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("deepspeed_linear, compiled", [(None, True), (False, True), (True, False)])
+def test_zero3_compiles_layers_on_gpu_unless_deepspeed_linear_is_asked_for(monkeypatch, deepspeed_linear, compiled):
+    """train.py's default under ZeRO-3 on a GPU: layers compiled with DeepSpeed's hooks left eager; a DeepSpeed config
+    asking for DeepSpeed's `F.linear` keeps them eager (compiled, they recompiled for every layer)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train
+    from train_lib.arguments import TrainArguments
+
+    calls = []
+    monkeypatch.setattr(train, "compile_layers", lambda model, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(train, "compile_workers_through_sigterm", lambda: None)
+    monkeypatch.setattr(train, "use_decoder_attention", lambda model, implementation: None)
+    monkeypatch.setattr(train, "use_vision_attention", lambda model: None)
+    zero_optimization = {} if deepspeed_linear is None else {"memory_efficient_linear": deepspeed_linear}
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"zero_optimization": zero_optimization})
+    accelerator = SimpleNamespace(device=torch.device("cuda"), state=SimpleNamespace(deepspeed_plugin=plugin))
+    vision = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    model = SimpleNamespace(config=SimpleNamespace(), model=SimpleNamespace(vision_tower=vision))
+    train.use_fast_path(model, TrainArguments(), accelerator)
+    assert calls == ([{"vision_shapes": "dynamic", "trace_hooks": False}] if compiled else [])
