@@ -136,8 +136,8 @@ def use_fast_path(model, train_args, accelerator) -> None:
 
 def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     """Before DeepSpeed ZeRO-3 wraps the model: make each Llama decoder layer and SigLIP2 encoder layer one unit for
-    ZeRO-3 (DeepSpeed's leaf modules), and keep torch's own `F.linear` unless the config asks for DeepSpeed's.
-    Returns how many layers became leaves.
+    ZeRO-3 (DeepSpeed's leaf modules), keep torch's own `F.linear` unless the config asks for DeepSpeed's, and size
+    the config's "auto" buckets. Returns how many layers became leaves.
 
     A leaf layer's weights are gathered together when the layer is called, by one pair of hooks, instead of by hooks
     on each of its ~10 submodules. Those hooks were the step's cost: on 2 H100s they kept the host busy ~850 ms a step
@@ -150,7 +150,15 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 
-    deepspeed_config.setdefault("zero_optimization", {}).setdefault("memory_efficient_linear", False)
+    zero = deepspeed_config.setdefault("zero_optimization", {})
+    zero.setdefault("memory_efficient_linear", False)
+    # "auto" sizes (Hugging Face's ZeRO-3 config template) as transformers' Trainer fills them, from the decoder's
+    # width: accelerate reads only `config.hidden_size`, which a composite config lacks, and would refuse the config.
+    hidden = model.config.text_config.hidden_size
+    for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden**2)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":
+            zero[key] = value
     return len(set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer]))
 
 

@@ -92,3 +92,29 @@ def test_zero3_compiles_layers_on_gpu_unless_deepspeed_linear_is_asked_for(monke
     model = SimpleNamespace(config=SimpleNamespace(), model=SimpleNamespace(vision_tower=vision))
     train.use_fast_path(model, TrainArguments(), accelerator)
     assert calls == ([{"vision_shapes": "dynamic", "trace_hooks": False}] if compiled else [])
+
+
+def test_zero3_auto_bucket_sizes_come_from_the_decoder_width():
+    """A ZeRO-3 config may leave three bucket sizes "auto" (as Hugging Face's templates do). accelerate fills them from
+    `model.config.hidden_size`, which the composite config lacks, and refuses the config; `prepare_for_zero3` fills
+    them from the decoder's width, as transformers' Trainer does, and leaves the sizes a user set."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train
+    from train_lib.arguments import ModelArguments
+    from train_lib.model_factory import build_scratch_model, scratch_tokenizer_corpus
+
+    model_args = ModelArguments(text_hidden_size=32, text_intermediate_size=64, text_heads=2, text_kv_heads=1,
+                                text_layers=2, vision_hidden_size=16, vision_intermediate_size=32, vision_heads=2,
+                                vision_layers=1, max_patches=16)
+    model, _ = build_scratch_model(model_args, scratch_tokenizer_corpus())
+    keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+    plugin = DeepSpeedPlugin(hf_ds_config={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {
+        "stage": 3, **dict.fromkeys(keys, "auto"), "stage3_param_persistence_threshold": 777}})
+    assert plugin.is_auto("zero_optimization.reduce_bucket_size")
+    assert train.prepare_for_zero3(model, plugin.deepspeed_config) == 3
+    assert not any(plugin.is_auto(f"zero_optimization.{key}") for key in keys)
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert [zero[key] for key in keys] == [32 * 32, int(0.9 * 32 * 32), 777]
+    assert zero["memory_efficient_linear"] is False
