@@ -261,6 +261,7 @@ def compile_layers(model: nn.Module, vision_shapes: str = "dynamic", trace_hooks
         # Up to 16 packed lengths per doubling of the patch count, and the decoder's graphs share the limit.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     count = 0
+
     def compile_layer(module, **kwargs):
         if trace_hooks:
             module.compile(**kwargs)  # the module's __call__, hooks included
