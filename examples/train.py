@@ -32,7 +32,7 @@ from train_lib.evaluation import Evaluator, caption_exact_match, final_reload_di
 from train_lib.hub import check_push_target, push_final
 from train_lib.loop import Trainer, host_syncs_per_step, slow_down_checkpoint_writes, split_loop_options
 from train_lib.model_card import write_model_card
-from train_lib.model_factory import build_model_and_processor, parameter_counts, select_trainable
+from train_lib.model_factory import build_model_and_processor, parameter_count, parameter_counts, select_trainable
 from train_lib.preemption import compile_workers_through_sigterm
 from train_lib.reporting import describe_run, flops_per_token, peak_flops, save_final, write_report
 from train_lib.resume import resume_from
@@ -137,7 +137,7 @@ def use_fast_path(model, train_args, accelerator) -> None:
 def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     """Before DeepSpeed ZeRO-3 wraps the model: make each Llama decoder layer and SigLIP2 encoder layer one unit for
     ZeRO-3 (DeepSpeed's leaf modules), keep torch's own `F.linear` unless the config asks for DeepSpeed's, and size
-    the config's "auto" buckets. Returns how many layers became leaves.
+    the buckets the config leaves unset or "auto". Returns how many layers became leaves.
 
     A leaf layer's weights are gathered together when the layer is called, by one pair of hooks, instead of by hooks
     on each of its ~10 submodules. Those hooks were the step's cost: on 2 H100s they kept the host busy ~850 ms a step
@@ -145,21 +145,33 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     DeepSpeed's `memory_efficient_linear` (on by default) swaps `F.linear` for an autograd Function whose backward
     reads each weight's `ds_id`; compiled, each layer then recompiled on a guard on that id, until dynamo gave up.
     Either way DeepSpeed gathers the layer's weights before its backward. Both compute the same
-    (tests/test_zero3_leaf_layers.py)."""
+    (tests/test_zero3_leaf_layers.py).
+
+    Bucket sizes the config leaves unset or "auto" follow the layer: gradients are reduce-scattered and weights
+    prefetched two layers at a time. With DeepSpeed's defaults (a 5e8-element reduce bucket, 5e7 for prefetching: less
+    than one 1B-class decoder layer) the step took 0.393 s instead of 0.352 s on 2 H100s; with transformers' Trainer's
+    "auto" sizes (hidden² for reducing, 4M elements here), 0.441 s on another 2-H100 machine (BENCHMARKS.md)."""
     from deepspeed.utils import set_z3_leaf_modules
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
 
     zero = deepspeed_config.setdefault("zero_optimization", {})
+    if zero.get("stage3_module_granularity_threshold"):
+        raise ValueError(
+            "zero_optimization.stage3_module_granularity_threshold: DeepSpeed's fast fetching of leaf modules trained "
+            "this model wrongly (DeepSpeed 0.19.8, 2 H100s: its loss left ZeRO-3's at step 3, and was 1.77 against "
+            "1.26 after 60 steps). Leave it unset: train.py already makes each layer one ZeRO-3 unit.")
     zero.setdefault("memory_efficient_linear", False)
-    # "auto" sizes (Hugging Face's ZeRO-3 config template) as transformers' Trainer fills them, from the decoder's
-    # width: accelerate reads only `config.hidden_size`, which a composite config lacks, and would refuse the config.
-    hidden = model.config.text_config.hidden_size
-    for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden**2)),
-                       ("stage3_param_persistence_threshold", 10 * hidden)):
-        if zero.get(key) == "auto":
-            zero[key] = value
-    return len(set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer]))
+    layers = set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer])
+    two_layers = 2 * max(sum(parameter_count(p) for p in layer.parameters()) for layer in layers)
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = two_layers
+    # "auto" (Hugging Face's ZeRO-3 template) as transformers' Trainer fills it: accelerate would read
+    # `config.hidden_size`, which the composite config lacks, and refuse the config.
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = 10 * model.config.text_config.hidden_size
+    return len(layers)
 
 
 @dataclass

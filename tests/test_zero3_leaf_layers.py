@@ -2,7 +2,7 @@
 module, torch's `F.linear`. The same training as with DeepSpeed's defaults (per-submodule hooks, its own `F.linear`),
 with far fewer fetches a step. Two processes on the CPU (DeepSpeed's CPU accelerator, gloo), one rank with an image in
 every batch and one with text only. Compiled as train.py compiles them on GPUs, each graph is a whole layer. Also:
-when train.py compiles under ZeRO-3, and the "auto" bucket sizes. DeepSpeed is a test dependency; where it is
+when train.py compiles under ZeRO-3, and the bucket sizes. DeepSpeed is a test dependency; where it is
 missing, the tests are skipped."""
 
 from __future__ import annotations
@@ -95,10 +95,12 @@ def test_zero3_compiles_layers_on_gpu_unless_deepspeed_linear_is_asked_for(monke
     assert calls == ([{"vision_shapes": "dynamic", "trace_hooks": False}] if compiled else [])
 
 
-def test_zero3_auto_bucket_sizes_come_from_the_decoder_width():
-    """A ZeRO-3 config may leave three bucket sizes "auto" (as Hugging Face's templates do). accelerate fills them from
-    `model.config.hidden_size`, which the composite config lacks, and refuses the config; `prepare_for_zero3` fills
-    them from the decoder's width, as transformers' Trainer does, and leaves the sizes a user set."""
+def test_zero3_bucket_sizes_follow_the_layers_unless_the_config_sets_them():
+    """Bucket sizes a ZeRO-3 config leaves unset or "auto" hold two layers (the largest leaf layer, here a decoder
+    layer). An "auto" persistence threshold (Hugging Face's templates) is filled from the decoder's width as
+    transformers' Trainer fills it: accelerate reads `model.config.hidden_size`, which the composite config lacks, and
+    would refuse the config. Sizes a user set stay. DeepSpeed's fast leaf fetching, which trained this model wrongly
+    on GPUs, is refused."""
     from accelerate.utils import DeepSpeedPlugin
 
     sys.path.insert(0, str(ROOT / "examples"))
@@ -110,12 +112,31 @@ def test_zero3_auto_bucket_sizes_come_from_the_decoder_width():
                                 text_layers=2, vision_hidden_size=16, vision_intermediate_size=32, vision_heads=2,
                                 vision_layers=1, max_patches=16)
     model, _ = build_scratch_model(model_args, scratch_tokenizer_corpus())
+    decoder_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+    encoder_layer = sum(p.numel() for p in model.model.vision_tower.encoder.layers[0].parameters())
+    assert decoder_layer > encoder_layer
+
+    def prepared(zero: dict) -> dict:
+        plugin = DeepSpeedPlugin(hf_ds_config={"train_micro_batch_size_per_gpu": "auto",
+                                               "zero_optimization": {"stage": 3, **zero}})
+        assert train.prepare_for_zero3(model, plugin.deepspeed_config) == 3  # 2 decoder + 1 encoder layer
+        assert not any(plugin.is_auto(f"zero_optimization.{key}") for key in zero)
+        return plugin.deepspeed_config["zero_optimization"]
+
+    unset = prepared({})
+    assert unset["reduce_bucket_size"] == unset["stage3_prefetch_bucket_size"] == 2 * decoder_layer
+    assert "stage3_param_persistence_threshold" not in unset  # DeepSpeed's default
+    assert unset["memory_efficient_linear"] is False
+
     keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
-    plugin = DeepSpeedPlugin(hf_ds_config={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {
-        "stage": 3, **dict.fromkeys(keys, "auto"), "stage3_param_persistence_threshold": 777}})
-    assert plugin.is_auto("zero_optimization.reduce_bucket_size")
-    assert train.prepare_for_zero3(model, plugin.deepspeed_config) == 3
-    assert not any(plugin.is_auto(f"zero_optimization.{key}") for key in keys)
-    zero = plugin.deepspeed_config["zero_optimization"]
-    assert [zero[key] for key in keys] == [32 * 32, int(0.9 * 32 * 32), 777]
-    assert zero["memory_efficient_linear"] is False
+    auto = prepared(dict.fromkeys(keys, "auto"))
+    assert [auto[key] for key in keys] == [2 * decoder_layer, 2 * decoder_layer, 10 * 32]
+    assert prepared({"stage3_param_persistence_threshold": 777})["stage3_param_persistence_threshold"] == 777
+
+    own = prepared({"reduce_bucket_size": 5, "memory_efficient_linear": True})
+    assert own["reduce_bucket_size"] == 5 and own["stage3_prefetch_bucket_size"] == 2 * decoder_layer
+    assert own["memory_efficient_linear"] is True
+
+    with pytest.raises(ValueError, match="stage3_module_granularity_threshold"):
+        prepared({"stage3_module_granularity_threshold": 1})
+    assert prepared({"stage3_module_granularity_threshold": 0})["reduce_bucket_size"] == 2 * decoder_layer
