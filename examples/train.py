@@ -136,8 +136,8 @@ def use_fast_path(model, train_args, accelerator) -> None:
 
 def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     """Before DeepSpeed ZeRO-3 wraps the model: make each Llama decoder layer and SigLIP2 encoder layer one unit for
-    ZeRO-3 (DeepSpeed's leaf modules), keep torch's own `F.linear` unless the config asks for DeepSpeed's, and size
-    the buckets the config leaves unset or "auto". Returns how many layers became leaves.
+    ZeRO-3 (DeepSpeed's leaf modules), keep torch's own `F.linear` unless the config asks for DeepSpeed's, and fill
+    in the bucket sizes and persistence threshold. Returns how many layers became leaves.
 
     A leaf layer's weights are gathered together when the layer is called, by one pair of hooks, instead of by hooks
     on each of its ~10 submodules. Those hooks were the step's cost: on 2 H100s they kept the host busy ~850 ms a step
@@ -147,10 +147,13 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     Either way DeepSpeed gathers the layer's weights before its backward. Both compute the same
     (tests/test_zero3_leaf_layers.py).
 
-    Bucket sizes the config leaves unset or "auto" follow the layer: gradients are reduce-scattered and weights
-    prefetched two layers at a time. With DeepSpeed's defaults (a 5e8-element reduce bucket, 5e7 for prefetching: less
-    than one 1B-class decoder layer) the step took 0.393 s instead of 0.352 s on 2 H100s; with transformers' Trainer's
-    "auto" sizes (hidden² for reducing, 4M elements here), 0.441 s on another 2-H100 machine (BENCHMARKS.md)."""
+    Sizes the config leaves out or "auto" follow the layers. Gradients are reduce-scattered and weights prefetched two
+    layers at a time: with DeepSpeed's defaults (a 5e8-element reduce bucket, 5e7 for prefetching, less than one
+    1B-class decoder layer) the step took 0.393 s instead of 0.352 s on 2 H100s, and with transformers' Trainer's
+    "auto" sizes (hidden² for reducing) 0.441 s on another machine. Weights no larger than the vision encoder's
+    largest stay whole on every rank (DeepSpeed's persistent parameters): the whole encoder, which then needs no
+    gathering, and the decoder's key and value projections. On 2 H100s that took the step from 0.354 s to 0.300 s
+    for 0.2 GiB more a rank (1B-class config; 1.4 GB for the 8B-class one). BENCHMARKS.md has the runs."""
     from deepspeed.utils import set_z3_leaf_modules
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
@@ -164,13 +167,15 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     zero.setdefault("memory_efficient_linear", False)
     layers = set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer])
     two_layers = 2 * max(sum(parameter_count(p) for p in layer.parameters()) for layer in layers)
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+    largest_vision_weight = max(parameter_count(p) for layer in layers if isinstance(layer, Siglip2EncoderLayer)
+                                for p in layer.parameters())
+    sizes = {"reduce_bucket_size": two_layers, "stage3_prefetch_bucket_size": two_layers,
+             "stage3_param_persistence_threshold": largest_vision_weight}
+    for key, size in sizes.items():
+        # "auto" too (Hugging Face's ZeRO-3 template): accelerate would size it from `config.hidden_size`, which the
+        # composite config lacks, and refuse the config.
         if zero.get(key, "auto") == "auto":
-            zero[key] = two_layers
-    # "auto" (Hugging Face's ZeRO-3 template) as transformers' Trainer fills it: accelerate would read
-    # `config.hidden_size`, which the composite config lacks, and refuse the config.
-    if zero.get("stage3_param_persistence_threshold") == "auto":
-        zero["stage3_param_persistence_threshold"] = 10 * model.config.text_config.hidden_size
+            zero[key] = size
     return len(layers)
 
 

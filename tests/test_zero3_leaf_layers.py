@@ -95,12 +95,12 @@ def test_zero3_compiles_layers_on_gpu_unless_deepspeed_linear_is_asked_for(monke
     assert calls == ([{"vision_shapes": "dynamic", "trace_hooks": False}] if compiled else [])
 
 
-def test_zero3_bucket_sizes_follow_the_layers_unless_the_config_sets_them():
-    """Bucket sizes a ZeRO-3 config leaves unset or "auto" hold two layers (the largest leaf layer, here a decoder
-    layer). An "auto" persistence threshold (Hugging Face's templates) is filled from the decoder's width as
-    transformers' Trainer fills it: accelerate reads `model.config.hidden_size`, which the composite config lacks, and
-    would refuse the config. Sizes a user set stay. DeepSpeed's fast leaf fetching, which trained this model wrongly
-    on GPUs, is refused."""
+def test_zero3_sizes_follow_the_layers_unless_the_config_sets_them():
+    """Bucket sizes a ZeRO-3 config leaves out or "auto" hold two layers (the largest leaf layer, here a decoder
+    layer); the persistence threshold keeps the vision encoder's weights whole on every rank. "auto" (Hugging Face's
+    templates) is filled too: accelerate would read `model.config.hidden_size`, which the composite config lacks, and
+    refuse the config. Sizes a user set stay. DeepSpeed's fast leaf fetching, which trained this model wrongly on
+    GPUs, is refused."""
     from accelerate.utils import DeepSpeedPlugin
 
     sys.path.insert(0, str(ROOT / "examples"))
@@ -115,6 +115,7 @@ def test_zero3_bucket_sizes_follow_the_layers_unless_the_config_sets_them():
     decoder_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
     encoder_layer = sum(p.numel() for p in model.model.vision_tower.encoder.layers[0].parameters())
     assert decoder_layer > encoder_layer
+    largest_vision_weight = 16 * 32  # the encoder's MLP
 
     def prepared(zero: dict) -> dict:
         plugin = DeepSpeedPlugin(hf_ds_config={"train_micro_batch_size_per_gpu": "auto",
@@ -123,14 +124,14 @@ def test_zero3_bucket_sizes_follow_the_layers_unless_the_config_sets_them():
         assert not any(plugin.is_auto(f"zero_optimization.{key}") for key in zero)
         return plugin.deepspeed_config["zero_optimization"]
 
-    unset = prepared({})
-    assert unset["reduce_bucket_size"] == unset["stage3_prefetch_bucket_size"] == 2 * decoder_layer
-    assert "stage3_param_persistence_threshold" not in unset  # DeepSpeed's default
-    assert unset["memory_efficient_linear"] is False
-
     keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
-    auto = prepared(dict.fromkeys(keys, "auto"))
-    assert [auto[key] for key in keys] == [2 * decoder_layer, 2 * decoder_layer, 10 * 32]
+    expected = [2 * decoder_layer, 2 * decoder_layer, largest_vision_weight]
+    unset = prepared({})
+    assert [unset[key] for key in keys] == expected
+    assert unset["memory_efficient_linear"] is False
+    encoder_weights = [p.numel() for p in model.model.vision_tower.encoder.parameters()]
+    assert max(encoder_weights) == largest_vision_weight  # every encoder weight stays whole on every rank
+    assert [prepared(dict.fromkeys(keys, "auto"))[key] for key in keys] == expected
     assert prepared({"stage3_param_persistence_threshold": 777})["stage3_param_persistence_threshold"] == 777
 
     own = prepared({"reduce_bucket_size": 5, "memory_efficient_linear": True})
