@@ -167,8 +167,8 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     zero.setdefault("memory_efficient_linear", False)
     layers = set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer])
     two_layers = 2 * max(sum(parameter_count(p) for p in layer.parameters()) for layer in layers)
-    largest_vision_weight = max(parameter_count(p) for layer in layers if isinstance(layer, Siglip2EncoderLayer)
-                                for p in layer.parameters())
+    largest_vision_weight = max((parameter_count(p) for layer in layers if isinstance(layer, Siglip2EncoderLayer)
+                                 for p in layer.parameters()), default=0)
     sizes = {"reduce_bucket_size": two_layers, "stage3_prefetch_bucket_size": two_layers,
              "stage3_param_persistence_threshold": largest_vision_weight}
     for key, size in sizes.items():

@@ -1,6 +1,6 @@
 """One rank of tests/test_zero3_leaf_layers.py: a tiny VLM trained 4 steps under DeepSpeed ZeRO-3 (on the CPU through
-DeepSpeed's CPU accelerator and gloo), prepared as train.py prepares it (`--leaf 1`: leaf layers, torch's `F.linear`)
-or with DeepSpeed's defaults. Rank 0's batches carry an image, rank 1's are text only; `--compile 1` compiles the
+DeepSpeed's CPU accelerator and gloo), prepared as train.py prepares it (`--leaf 1`: leaf layers, torch's `F.linear`,
+the encoder's weights whole on every rank) or with DeepSpeed's defaults and every weight sharded. Rank 0's batches carry an image, rank 1's are text only; `--compile 1` compiles the
 layers as train.py does under ZeRO-3 (to a backend that records each graph's linear layers). Writes the losses, the
 DeepSpeed sub-module fetches, the graphs, dynamo's reasons for recompiling, and a digest of the gathered weights to
 --out, and the weights beside it (rank 0).
@@ -70,7 +70,11 @@ def main() -> None:
                                 text_layers=2, vision_hidden_size=16, vision_intermediate_size=32, vision_heads=2,
                                 vision_layers=2, max_patches=16)
     model, processor = build_scratch_model(model_args, scratch_tokenizer_corpus())
-    leaves = train.prepare_for_zero3(model, plugin.deepspeed_config) if args.leaf else 0
+    if args.leaf:  # as train.py prepares it: some weights whole on every rank (the encoder's), the rest sharded
+        leaves = train.prepare_for_zero3(model, plugin.deepspeed_config)
+    else:  # the reference: every weight sharded (DeepSpeed's default threshold would keep all of these tiny ones whole)
+        leaves = 0
+        plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     graphs = []
     if args.compile:
         from modeling_llama3_siglip2.efficient_ops import compile_layers
