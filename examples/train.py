@@ -152,8 +152,12 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     1B-class decoder layer) the step took 0.393 s instead of 0.352 s on 2 H100s, and with transformers' Trainer's
     "auto" sizes (hidden² for reducing) 0.441 s on another machine. Weights no larger than the vision encoder's
     largest stay whole on every rank (DeepSpeed's persistent parameters): the whole encoder, which then needs no
-    gathering, and the decoder's key and value projections. On 2 H100s that took the step from 0.354 s to 0.300 s
-    for 0.2 GiB more a rank (1B-class config; 1.4 GB for the 8B-class one). BENCHMARKS.md has the runs."""
+    gathering, and the decoder's key and value projections, for 0.2 GiB more a rank (1B-class config; 1.4 GB for the
+    8B-class one). On 2 H100s one run took the step from 0.354 s to 0.300 s, but beside FSDP2 on later machines the
+    ratio with it (0.64-0.70) was no better than without it (0.64), and keeping more weights whole (up to every
+    layer's) moved the step less than its run-to-run spread: kept for the gathers it removes, not for a measured gain.
+    Gradients go straight to the reduce-scatter (`contiguous_gradients` false unless the config sets it or
+    all-reduces): 0.408 -> 0.367 s a step on 2 H100s, one run each. BENCHMARKS.md has the runs."""
     from deepspeed.utils import set_z3_leaf_modules
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer
@@ -165,6 +169,9 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
             "this model wrongly (DeepSpeed 0.19.8, 2 H100s: its loss left ZeRO-3's at step 3, and was 1.77 against "
             "1.26 after 60 steps). Leave it unset: train.py already makes each layer one ZeRO-3 unit.")
     zero.setdefault("memory_efficient_linear", False)
+    # Reduce-scattering gradients (DeepSpeed's default) concatenates them into a fresh buffer anyway, so the
+    # contiguous bucket they were first copied into is a second full copy; only an all-reduce reads that bucket.
+    zero.setdefault("contiguous_gradients", zero.get("reduce_scatter", True) is False)
     layers = set_z3_leaf_modules(model, [LlamaDecoderLayer, Siglip2EncoderLayer])
     two_layers = 2 * max(sum(parameter_count(p) for p in layer.parameters()) for layer in layers)
     largest_vision_weight = max((parameter_count(p) for layer in layers if isinstance(layer, Siglip2EncoderLayer)

@@ -99,7 +99,8 @@ def test_zero3_sizes_follow_the_layers_unless_the_config_sets_them():
     """Bucket sizes a ZeRO-3 config leaves out or "auto" hold two layers (the largest leaf layer, here a decoder
     layer); the persistence threshold keeps the vision encoder's weights whole on every rank. "auto" (Hugging Face's
     templates) is filled too: accelerate would read `model.config.hidden_size`, which the composite config lacks, and
-    refuse the config. Sizes a user set stay. DeepSpeed's fast leaf fetching, which trained this model wrongly on
+    refuse the config. Gradients skip DeepSpeed's contiguous bucket unless they are all-reduced from it. Sizes and
+    switches a user set stay. DeepSpeed's fast leaf fetching, which trained this model wrongly on
     GPUs, is refused."""
     from accelerate.utils import DeepSpeedPlugin
 
@@ -129,6 +130,9 @@ def test_zero3_sizes_follow_the_layers_unless_the_config_sets_them():
     unset = prepared({})
     assert [unset[key] for key in keys] == expected
     assert unset["memory_efficient_linear"] is False
+    assert unset["contiguous_gradients"] is False  # the reduce-scatter concatenates the gradients itself
+    assert prepared({"reduce_scatter": False})["contiguous_gradients"] is True  # the all-reduce reads the bucket
+    assert prepared({"contiguous_gradients": True})["contiguous_gradients"] is True
     encoder_weights = [p.numel() for p in model.model.vision_tower.encoder.parameters()]
     assert max(encoder_weights) == largest_vision_weight  # every encoder weight stays whole on every rank
     assert [prepared(dict.fromkeys(keys, "auto"))[key] for key in keys] == expected
