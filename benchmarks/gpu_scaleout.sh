@@ -165,6 +165,7 @@ speed)
     set -- $job
     job_name="speed_${1}_$3${4:+_$4}"; backend=$1; gpus=$2; shift $(( $# < 4 ? $# : 4 ))
     run "$job_name" "$backend" "$gpus" "${IMAGES[@]}" --output_dir "$RUNS/$job_name" ${SPEED_ARGS:-} "$@"
+    finish speed  # after every job: a device call that runs out of time still brings back the jobs it finished
   done
   [ "${SKIP_EXTRAS:-0}" = 1 ] && { finish speed; exit 0; }
   # The loader alone (batches per second with the configs' worker count), beside the steps per second above.
