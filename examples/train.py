@@ -147,17 +147,13 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> int:
     Either way DeepSpeed gathers the layer's weights before its backward. Both compute the same
     (tests/test_zero3_leaf_layers.py).
 
-    Sizes the config leaves out or "auto" follow the layers. Gradients are reduce-scattered and weights prefetched two
-    layers at a time: with DeepSpeed's defaults (a 5e8-element reduce bucket, 5e7 for prefetching, less than one
-    1B-class decoder layer) the step took 0.393 s instead of 0.352 s on 2 H100s, and with transformers' Trainer's
-    "auto" sizes (hidden² for reducing) 0.441 s on another machine. Weights no larger than the vision encoder's
-    largest stay whole on every rank (DeepSpeed's persistent parameters): the whole encoder, which then needs no
-    gathering, and the decoder's key and value projections, for 0.2 GiB more a rank (1B-class config; 1.4 GB for the
-    8B-class one). On 2 H100s one run took the step from 0.354 s to 0.300 s, but beside FSDP2 on later machines the
-    ratio with it (0.64-0.70) was no better than without it (0.64), and keeping more weights whole (up to every
-    layer's) moved the step less than its run-to-run spread: kept for the gathers it removes, not for a measured gain.
-    Gradients go straight to the reduce-scatter (`contiguous_gradients` false unless the config sets it or
-    all-reduces): 0.408 -> 0.367 s a step on 2 H100s, one run each. BENCHMARKS.md has the runs."""
+    Sizes the config leaves out or "auto" follow the layers, and measured faster than DeepSpeed's defaults and
+    transformers' Trainer's "auto" sizes (BENCHMARKS.md): gradients are reduce-scattered and weights prefetched two
+    layers at a time (DeepSpeed's 5e7-element prefetch bucket is less than one 1B-class decoder layer). Weights no
+    larger than the vision encoder's largest stay whole on every rank (DeepSpeed's persistent parameters): the
+    encoder, which then needs no gathering, and the decoder's key and value projections, for 0.25 GB a rank
+    (1B-class config; 1.4 GB for the 8B-class one); this removes gathers, but no speed-up is claimed for it. Gradients
+    go straight to the reduce-scatter (`contiguous_gradients` false unless the config sets it or all-reduces)."""
     from deepspeed.utils import set_z3_leaf_modules
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.siglip2.modeling_siglip2 import Siglip2EncoderLayer

@@ -1,9 +1,9 @@
-"""ZeRO-3 as train.py prepares it (`train.prepare_for_zero3`): each decoder and encoder layer one DeepSpeed leaf
-module, torch's `F.linear`. The same training as with DeepSpeed's defaults (per-submodule hooks, its own `F.linear`),
-with far fewer fetches a step. Two processes on the CPU (DeepSpeed's CPU accelerator, gloo), one rank with an image in
-every batch and one with text only. Compiled as train.py compiles them on GPUs, each graph is a whole layer. Also:
-when train.py compiles under ZeRO-3, and the bucket sizes. DeepSpeed is a test dependency; where it is
-missing, the tests are skipped."""
+"""ZeRO-3 as train.py prepares it (`train.prepare_for_zero3`): each decoder and encoder layer one DeepSpeed leaf module,
+torch's `F.linear`. The same training as with DeepSpeed's defaults (per-submodule hooks, its own `F.linear`), with far
+fewer fetches a step. Two processes on the CPU (DeepSpeed's CPU accelerator, gloo), one rank with an image in every
+batch and one with text only. Compiled as train.py compiles them on GPUs, each graph is a whole layer. Also: when
+train.py compiles under ZeRO-3, and the bucket sizes. DeepSpeed is a test dependency; where it is missing, the tests are
+skipped."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """One rank of tests/test_zero3_leaf_layers.py: a tiny VLM trained 4 steps under DeepSpeed ZeRO-3 (on the CPU through
 DeepSpeed's CPU accelerator and gloo), prepared as train.py prepares it (`--leaf 1`: leaf layers, torch's `F.linear`,
-the encoder's weights whole on every rank) or with DeepSpeed's defaults and every weight sharded. Rank 0's batches carry an image, rank 1's are text only; `--compile 1` compiles the
-layers as train.py does under ZeRO-3 (to a backend that records each graph's linear layers). Writes the losses, the
-DeepSpeed sub-module fetches, the graphs, dynamo's reasons for recompiling, and a digest of the gathered weights to
---out, and the weights beside it (rank 0).
+the encoder's weights whole on every rank) or with DeepSpeed's defaults and every weight sharded. Rank 0's batches carry
+an image, rank 1's are text only; `--compile 1` compiles the layers as train.py does under ZeRO-3 (to a backend that
+records each graph's linear layers). Writes the losses, the DeepSpeed sub-module fetches, the graphs, dynamo's reasons
+for recompiling, and a digest of the gathered weights to --out, and the weights beside it (rank 0).
 
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/zero3_leaf_worker.py --leaf 1 --out F
 """
@@ -108,8 +108,7 @@ def main() -> None:
         weights = torch.cat([parameter.detach().float().reshape(-1) for parameter in model.parameters()])
     recompiles = [str(reason) for reasons in torch._dynamo.utils.guard_failures.values() for reason in reasons]
     result = {"rank": rank, "leaves": leaves, "linears_per_graph": graphs, "recompiles": recompiles, "losses": losses,
-              "fetches": fetches_per_step,
-              "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
+              "fetches": fetches_per_step, "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, result)
     if rank == 0:
