@@ -192,9 +192,24 @@ class ModelCounts:
     flops_per_token: float
 
 
+def refuse_deepcompile(deepspeed_config: dict) -> None:
+    """DeepSpeed's DeepCompile (`"compile": {"deepcompile": true}`) acts only once `engine.compile()` runs. train.py
+    does not call it (it compiles each layer itself, DeepSpeed's hooks eager), and accelerate calls it only with a
+    dynamo backend, which its DeepSpeed launcher drops from an accelerate config: the run would train without
+    DeepCompile, unannounced. Refused until it is measured with train.py (BENCHMARKS.md, tenth session)."""
+    if (deepspeed_config.get("compile") or {}).get("deepcompile"):
+        raise ValueError(
+            "compile.deepcompile: train.py does not support DeepSpeed's DeepCompile yet: it compiles each layer "
+            "itself, while DeepCompile needs the whole model compiled by engine.compile(), which nothing here calls. "
+            "Remove it from the DeepSpeed config.")
+
+
 def build_training(accelerator, model_args, data_args, train_args):
     """The model, its processor, this rank's data, the optimizer and scheduler, prepared by accelerate; and the
     model's `ModelCounts`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        refuse_deepcompile(plugin.deepspeed_config)  # before minutes of loading weights
     model, processor = build_model_and_processor(model_args)
     use_fast_path(model, train_args, accelerator)
     if model_args.gradient_checkpointing:
@@ -212,7 +227,6 @@ def build_training(accelerator, model_args, data_args, train_args):
                                   fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps,
                               num_training_steps=train_args.max_steps)
-    plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         # We feed DeepSpeed our own packed batches, not a prepared DataLoader it could read the size from.
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch

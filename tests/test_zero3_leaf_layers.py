@@ -145,3 +145,34 @@ def test_zero3_sizes_follow_the_layers_unless_the_config_sets_them():
     with pytest.raises(ValueError, match="stage3_module_granularity_threshold"):
         prepared({"stage3_module_granularity_threshold": 1})
     assert prepared({"stage3_module_granularity_threshold": 0})["reduce_bucket_size"] == 2 * decoder_layer
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepcompile_is_refused_before_the_model_loads(monkeypatch, stage):
+    """A DeepSpeed config asking for DeepCompile is refused with its key named, before any weights load: train.py
+    never calls `engine.compile()`, so DeepSpeed would train without it. A config without it, or with it off, goes on
+    to build the model."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train
+
+    class ModelBuilt(Exception):
+        pass
+
+    def build_model(model_args):
+        raise ModelBuilt
+
+    monkeypatch.setattr(train, "build_model_and_processor", build_model)
+
+    def build(deepspeed_config: dict):
+        plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": {"stage": stage},
+                                                                     **deepspeed_config})
+        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+        train.build_training(accelerator, None, None, None)
+
+    with pytest.raises(ValueError, match="compile.deepcompile"):
+        build({"compile": {"deepcompile": True}})
+    for config in ({}, {"compile": {"deepcompile": False}}, {"compile": None}):
+        with pytest.raises(ModelBuilt):
+            build(config)
