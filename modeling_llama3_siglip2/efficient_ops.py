@@ -149,31 +149,46 @@ def _first_row_of_target(target_size: torch.Tensor) -> torch.Tensor:
     return target_size * (target_size - 1) // 2
 
 
-@torch.compiler.disable
 def resize_weight_table(source_size: int, max_target_size: int, device) -> torch.Tensor:
     """Rows of the 1-D bilinear antialiased resize matrices A_t (t × source), for every t up to `max_target_size`.
 
     They are read off `F.interpolate` itself, applied to the identity, so they are exactly the weights SigLIP2's own
     resize uses on this device; a 2-D resize is A_h @ grid @ A_w.T because the kernel's weights are separable.
-    Memory is G²/2 · source · 4 bytes: 2 MiB for G = 256 and a 16-wide grid, 33 MiB for G = 1024.
+    Memory is G²/2 · source · 4 bytes: 2 MiB for G = 256 and a 16-wide grid, 33 MiB for G = 1024. Compiled, a
+    table already built is a lookup in the graph; building one breaks the graph.
     """
-    key = (source_size, str(device))
-    table = _RESIZE_WEIGHT_TABLES.get(key)
-    needed_rows = max_target_size * (max_target_size + 1) // 2
-    if table is None or table.shape[0] < needed_rows:
-        G = 1 << max(0, max_target_size - 1).bit_length()
-        # Channel c of the basis is one source row, constant along a width of 2 that is kept as it is: output
-        # channel c, row r is A_t[r, c]. Not a width of 1: PyTorch's CPU kernel mis-resizes 1-wide images (every
-        # output row gets the first row's weights).
-        eye = torch.eye(source_size, device=device, dtype=torch.float32)
-        basis = eye[None, :, :, None].expand(1, source_size, source_size, 2).contiguous()
-        blocks = [
-            F.interpolate(basis, size=(t, 2), mode="bilinear", align_corners=False, antialias=True)[0, :, :, 0].T
-            for t in range(1, G + 1)
-        ]
-        table = torch.cat(blocks)
-        _RESIZE_WEIGHT_TABLES[key] = table
+    table = _RESIZE_WEIGHT_TABLES.get((source_size, str(device)))
+    if table is None or table.shape[0] < max_target_size * (max_target_size + 1) // 2:
+        table = _build_resize_weight_table(source_size, max_target_size, device)
     return table
+
+
+@torch.compiler.disable
+def _build_resize_weight_table(source_size: int, max_target_size: int, device) -> torch.Tensor:
+    G = 1 << max(0, max_target_size - 1).bit_length()
+    # Channel c of the basis is one source row, constant along a width of 2 that is kept as it is: output
+    # channel c, row r is A_t[r, c]. Not a width of 1: PyTorch's CPU kernel mis-resizes 1-wide images (every
+    # output row gets the first row's weights).
+    eye = torch.eye(source_size, device=device, dtype=torch.float32)
+    basis = eye[None, :, :, None].expand(1, source_size, source_size, 2).contiguous()
+    blocks = [
+        F.interpolate(basis, size=(t, 2), mode="bilinear", align_corners=False, antialias=True)[0, :, :, 0].T
+        for t in range(1, G + 1)
+    ]
+    table = _RESIZE_WEIGHT_TABLES[(source_size, str(device))] = torch.cat(blocks)
+    return table
+
+
+@torch.compiler.disable
+def _build_table_before_embedding(embeddings: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A `Siglip2VisionEmbeddings` pre-hook: the table its resize needs, built before its forward reads a weight.
+
+    A whole-model compile (DeepSpeed's DeepCompile, a user's `torch.compile(model)`) then breaks its graph here,
+    instead of inside the resize, where the reshaped position-embedding weight is live and becomes the graph's
+    output: DeepCompile releases a ZeRO-3 weight at the end of its graph, and the output is then empty.
+    """
+    pixel_values = args[0] if args else kwargs["pixel_values"]
+    resize_weight_table(embeddings.position_embedding_size, pixel_values.shape[1], pixel_values.device)
 
 
 def grouped_resize_positional_embeddings(
@@ -220,11 +235,15 @@ def use_grouped_position_embeddings(vision_tower: nn.Module, enabled: bool = Tru
     if not embeddings:
         raise ValueError(f"{type(vision_tower).__name__} holds no Siglip2VisionEmbeddings to patch")
     for module in embeddings:
+        module.__dict__.pop("resize_positional_embeddings", None)
+        hook = module.__dict__.pop("_build_table_hook", None)
+        if hook is not None:
+            hook.remove()
         if enabled:
             # An instance attribute shadows the class's staticmethod and, being a plain function, is not bound.
             module.resize_positional_embeddings = grouped_resize_positional_embeddings
-        else:
-            module.__dict__.pop("resize_positional_embeddings", None)
+            module._build_table_hook = module.register_forward_pre_hook(_build_table_before_embedding,
+                                                                        with_kwargs=True)
     return len(embeddings)
 
 

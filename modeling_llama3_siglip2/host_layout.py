@@ -28,6 +28,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+@torch.compiler.disable  # a whole-model compile (DeepCompile) cannot trace pinning; the copy stays eager
 def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device` without making the host wait: a pageable copy to a GPU first drains its queue."""
     device = torch.device(device)

@@ -96,6 +96,7 @@ class Llama3Siglip2MultiModalProjector(nn.Module):
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+@torch.compiler.disable  # host work from the batch's image grids: traced, every new grid would be a recompile
 def merged_patch_index(spatial_shapes: list[tuple[int, int]], max_patches: int, merge_size: int, device,
                        image_starts: list[int] | None = None) -> torch.Tensor:
     """Flat indices into the (N·L) patches, shaped (T, K): row t lists the k×k patches that become image token t.

@@ -196,6 +196,40 @@ def test_vision_tower_with_grouped_position_embeddings_matches_the_unpatched_tow
         assert error <= 1e-5 * want.norm() + floor, f"{name}: error {error:.2e} against a norm of {want.norm():.2e}"
 
 
+def test_a_whole_compiled_tower_returns_no_view_of_a_weight_from_any_graph():
+    """DeepSpeed's DeepCompile releases each ZeRO-3 weight at the end of the graph that used it, so a graph that
+    returns a view of a weight hands the next graph an empty tensor. SigLIP2's position grid is such a view; the
+    resize table is therefore built in a hook before the embedding's forward (the graph breaks there), and read
+    inside the graph once built. Caught on 2 H200s: "(16, 16, 0) (actual) vs (16, 16, 768) (expected)"."""
+    from modeling_llama3_siglip2 import efficient_ops
+
+    tower = tiny_vision_tower()
+    use_grouped_position_embeddings(tower)
+    weights = {p.untyped_storage().data_ptr(): name for name, p in tower.named_parameters()}
+    returned_weights, graphs = [], []
+
+    def weight_checking_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+
+        def run(*args):
+            outputs = graph_module(*args)
+            returned_weights.extend(weights[o.untyped_storage().data_ptr()] for o in outputs
+                                    if torch.is_tensor(o) and o.untyped_storage().data_ptr() in weights)
+            return outputs
+        return run
+
+    torch._dynamo.reset()
+    efficient_ops._RESIZE_WEIGHT_TABLES.clear()  # the first call builds the table, as in a fresh process
+    compiled = torch.compile(tower, backend=weight_checking_backend)
+    generator = torch.Generator().manual_seed(0)
+    for shapes, L in (([(4, 4), (2, 6)], 16), ([(8, 8), (3, 12), (5, 5)], 64)):
+        batch = naflex_batch(shapes, L, generator)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**batch).last_hidden_state, tower(**batch).last_hidden_state)
+    assert graphs, "nothing was compiled"
+    assert returned_weights == [], f"graphs returned views of {sorted(set(returned_weights))}"
+
+
 def test_use_grouped_position_embeddings_can_be_undone_and_refuses_a_model_without_siglip2():
     tower = tiny_vision_tower()
     use_grouped_position_embeddings(tower)

@@ -129,3 +129,18 @@ def test_target_count_is_what_the_loss_scores(built):
         plain = model.eval()(**batch, num_items_in_batch=count).loss  # the unchunked loss counts the same
     torch.testing.assert_close(summed, mean)
     torch.testing.assert_close(plain, mean)
+
+
+def test_host_work_is_not_traced_by_a_whole_model_compile():
+    """A whole-model compile (DeepSpeed's DeepCompile compiles the model whole) must leave the batch's host work
+    eager. Traced, pinning the host tensor failed on 2 H200s ("NYI: aten._pin_memory.default" in fake tensors), and
+    the merged-patch index, built from each batch's image grids, would specialise every graph on them."""
+    from modeling_llama3_siglip2.host_layout import host_to_device
+    from modeling_llama3_siglip2.modeling_llama3_siglip2 import merged_patch_index
+
+    x = torch.arange(16.0)
+    for name, host_work in (("merged_patch_index", lambda: merged_patch_index([(2, 4), (4, 2)], 8, 2, x.device)),
+                            ("host_to_device", lambda: host_to_device(torch.arange(3), x.device))):
+        explained = torch._dynamo.explain(lambda x: (x * 2, host_work()))(x)  # noqa: B023 (called at once)
+        reasons = [str(reason.reason) for reason in explained.break_reasons]
+        assert any(f"function {name} at" in reason for reason in reasons), f"{name} was traced: {reasons}"

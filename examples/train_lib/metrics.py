@@ -209,6 +209,9 @@ class ForwardTimer:
         finally:
             self.armed = False
 
+    # Eager even when the model is compiled whole (DeepSpeed's DeepCompile): traced, the events would be recorded
+    # from inside the graph, which DeepCompile's profiler cannot run.
+    @torch.compiler.disable
     def _before(self, module, args) -> None:
         if not self.armed:
             return
@@ -218,6 +221,7 @@ class ForwardTimer:
         else:
             self._start = time.perf_counter()
 
+    @torch.compiler.disable
     def _after(self, module, args, output) -> None:
         if not self.armed or self._start is None:
             return
