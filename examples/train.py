@@ -196,12 +196,14 @@ def refuse_deepcompile(deepspeed_config: dict) -> None:
     """DeepSpeed's DeepCompile (`"compile": {"deepcompile": true}`) acts only once `engine.compile()` runs. train.py
     does not call it (it compiles each layer itself, DeepSpeed's hooks eager), and accelerate calls it only with a
     dynamo backend, which its DeepSpeed launcher drops from an accelerate config: the run would train without
-    DeepCompile, unannounced. Refused until it is measured with train.py (BENCHMARKS.md, tenth session)."""
+    DeepCompile, unannounced. With `ACCELERATE_DYNAMO_BACKEND` set, accelerate does compile the model whole with it,
+    and on 2 H200s that run failed in its first step (BENCHMARKS.md, eleventh session). Refused until it trains."""
     if (deepspeed_config.get("compile") or {}).get("deepcompile"):
         raise ValueError(
             "compile.deepcompile: train.py does not support DeepSpeed's DeepCompile yet: it compiles each layer "
-            "itself, while DeepCompile needs the whole model compiled by engine.compile(), which nothing here calls. "
-            "Remove it from the DeepSpeed config.")
+            "itself, while DeepCompile needs the whole model compiled by engine.compile(), which nothing here calls "
+            "(compiled whole, this model failed in DeepCompile's first step: BENCHMARKS.md). Remove it from the "
+            "DeepSpeed config.")
 
 
 def build_training(accelerator, model_args, data_args, train_args):
