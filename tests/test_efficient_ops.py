@@ -233,9 +233,12 @@ def test_a_whole_compiled_tower_returns_no_view_of_a_weight_from_any_graph():
 def test_use_grouped_position_embeddings_can_be_undone_and_refuses_a_model_without_siglip2():
     tower = tiny_vision_tower()
     use_grouped_position_embeddings(tower)
+    use_grouped_position_embeddings(tower)  # twice: still one table-building hook
     assert tower.embeddings.resize_positional_embeddings is grouped_resize_positional_embeddings
+    assert len(tower.embeddings._forward_pre_hooks) == 1
     use_grouped_position_embeddings(tower, enabled=False)
     assert tower.embeddings.resize_positional_embeddings == Siglip2VisionEmbeddings.resize_positional_embeddings
+    assert len(tower.embeddings._forward_pre_hooks) == 0
     with pytest.raises(ValueError, match="no Siglip2VisionEmbeddings"):
         use_grouped_position_embeddings(torch.nn.Linear(2, 2))
 
