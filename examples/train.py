@@ -30,7 +30,7 @@ from train_lib.arguments import data_config, parse_arguments
 from train_lib.checkpoints import resolve_resume
 from train_lib.evaluation import Evaluator, caption_exact_match, final_reload_difference
 from train_lib.hub import check_push_target, push_final
-from train_lib.loop import Trainer, host_syncs_per_step, slow_down_checkpoint_writes, split_loop_options
+from train_lib.loop import Trainer, slow_down_checkpoint_writes, split_loop_options
 from train_lib.model_card import write_model_card
 from train_lib.model_factory import build_model_and_processor, parameter_count, parameter_counts, select_trainable
 from train_lib.preemption import compile_workers_through_sigterm
@@ -269,7 +269,7 @@ def training_figures(trainer, wall: float, resumed) -> dict:
         # Everything this process trained, over its wall time: compilation, warm-up and evaluations included.
         "tokens_per_second_wall": sum(trainer.clock.tokens) / wall if steps_run else 0.0,
         **trainer.clock.summary(),
-        "host_syncs_per_step": host_syncs_per_step(trainer.accelerator),
+        "host_syncs_per_step": trainer.host_syncs_per_step(),
         "peak_memory_gib": peak_memory_gib(trainer.accelerator),
         "resumed_from": resumed,
         "train_loss_first": finite[0] if finite else None,

@@ -2,8 +2,8 @@
 torch's `F.linear`. The same training as with DeepSpeed's defaults (per-submodule hooks, its own `F.linear`), with far
 fewer fetches a step. Two processes on the CPU (DeepSpeed's CPU accelerator, gloo), one rank with an image in every
 batch and one with text only. Compiled as train.py compiles them on GPUs, each graph is a whole layer. Also: when
-train.py compiles under ZeRO-3, and the bucket sizes. DeepSpeed is a test dependency; where it is missing, the tests are
-skipped."""
+train.py compiles under ZeRO-3, and the bucket sizes. A loss NaN on one rank, sent through ZeRO-3's backward, trains as
+skipping that backward did. DeepSpeed is a test dependency; where it is missing, the tests are skipped."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 pytest.importorskip("deepspeed")
 from safetensors.torch import load_file
@@ -24,17 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("zero3_leaf_worker.py")
 
 
-def train_two_ranks(tmp_path: Path, leaf: bool, compile: bool = False) -> tuple[list[dict], torch.Tensor]:
+def train_two_ranks(tmp_path: Path, leaf: bool, compile: bool = False,
+                    options: tuple[str, ...] = ()) -> tuple[list[dict], torch.Tensor]:
+    """`options`: the worker's other arguments (steps, optimizer, NaN loss)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / f"leaf{int(leaf)}_compile{int(compile)}.json"
+    out = tmp_path / f"leaf{int(leaf)}_compile{int(compile)}{''.join(options)}.json"
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator communicates through gloo
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(WORKER), "--leaf", str(int(leaf)), "--compile", str(int(compile)), "--out", str(out)]
+               str(WORKER), "--leaf", str(int(leaf)), "--compile", str(int(compile)), *options, "--out", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text()), load_file(f"{out}.safetensors")["weights"]
@@ -69,6 +72,52 @@ def test_leaf_layers_compile_whole_with_the_hooks_left_eager(tmp_path):
     for eager_rank, compiled_rank in zip(eager, compiled):
         torch.testing.assert_close(compiled_rank["losses"], eager_rank["losses"], rtol=1e-5, atol=0)
     torch.testing.assert_close(compiled_weights, eager_weights, rtol=0, atol=1e-6)
+
+
+def test_a_nan_loss_through_zero3s_backward_trains_exactly_as_skipping_its_backward(tmp_path):
+    """The trainer under ZeRO-3 from DeepSpeed 0.19.8: a loss NaN on one rank goes through the backward, unchecked
+    (the check cost an all-reduce and a host sync every micro-batch), and DeepSpeed's step, its gradient norm not
+    finite, leaves the weights and Adam's state as they were. Bit for bit the training of skipping that step's
+    backward on every rank by the trainer's check, which it still makes where DeepSpeed's step would apply the NaN
+    (`nonfinite_on_any_rank`; with one rank's loss NaN, a "min" reduce through accelerate summed and let it through);
+    the steps after the NaN one train on."""
+    import deepspeed
+
+    if Version(deepspeed.__version__).release < (0, 19, 8):
+        pytest.skip(f"DeepSpeed {deepspeed.__version__}'s ZeRO-3 step applies non-finite gradients (0.19.8 skips them)")
+    options = ("--steps", "5", "--nan_step", "2", "--optimizer", "adam")  # Adam: its step count shows the skip
+    through, through_weights = train_two_ranks(tmp_path, leaf=True, options=(*options, "--nan_mode", "backward"))
+    skipped, skipped_weights = train_two_ranks(tmp_path, leaf=True, options=(*options, "--nan_mode", "skip"))
+    assert [rank["losses"].index(None) if None in rank["losses"] else -1 for rank in through] == [-1, 2]
+    # Exact: the same arithmetic in the same order, only the NaN step's backward differs.
+    assert [rank["losses"] for rank in through] == [rank["losses"] for rank in skipped]
+    assert [rank["skipped_steps"] for rank in through] == [1, 1]  # DeepSpeed's step skipped it
+    assert [rank["skipped_steps"] for rank in skipped] == [0, 0]  # DeepSpeed's step never ran for it
+    assert [rank["adam_steps"] for rank in through + skipped] == [[4]] * 4  # 5 steps, one skipped
+    assert all(rank["deepspeed_skips_nonfinite_steps"] for rank in through + skipped)
+    assert len({rank["weights"] for rank in through + skipped}) == 1
+    assert torch.equal(through_weights, skipped_weights) and through_weights.isfinite().all()
+
+
+def test_deepspeed_skips_nonfinite_steps_under_zero3_from_0_19_8(monkeypatch):
+    """The trainer leaves out its check before the backward only where DeepSpeed's step skips a NaN itself."""
+    from types import SimpleNamespace
+
+    import deepspeed
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train_lib.loop import deepspeed_skips_nonfinite_steps
+
+    def engine(stage: int) -> SimpleNamespace:
+        return SimpleNamespace(zero_optimization_stage=lambda: stage)
+
+    assert not deepspeed_skips_nonfinite_steps(engine(2))
+    for version, skips in [("0.19.6", False), ("0.19.8", True), ("0.19.8+cpu", True), ("0.20.0", True)]:
+        monkeypatch.setattr(deepspeed, "__version__", version)
+        assert deepspeed_skips_nonfinite_steps(engine(3)) is skips, version
+    monkeypatch.undo()
+    installed = Version(deepspeed.__version__).release >= (0, 19, 8)
+    assert deepspeed_skips_nonfinite_steps(engine(3)) is installed
 
 
 @pytest.mark.parametrize("deepspeed_linear, compiled", [(None, True), (False, True), (True, False)])

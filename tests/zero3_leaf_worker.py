@@ -5,6 +5,10 @@ an image, rank 1's are text only; `--compile 1` compiles the layers as train.py 
 records each graph's linear layers). Writes the losses, the DeepSpeed sub-module fetches, the graphs, dynamo's reasons
 for recompiling, and a digest of the gathered weights to --out, and the weights beside it (rank 0).
 
+`--nan_step K` makes rank 1's loss NaN at step K (from 0): `--nan_mode backward` sends it through the backward, for
+DeepSpeed's own step to skip; `skip` skips the backward on every rank, by the trainer's check (`nonfinite_on_any_rank`),
+as the trainer still does where DeepSpeed's step would apply the NaN.
+
     DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/zero3_leaf_worker.py --leaf 1 --out F
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -40,10 +45,23 @@ def batches(processor, rank: int, count: int):
         yield {**inputs, "labels": inputs["input_ids"].clone()}
 
 
+def adam_steps(engine) -> list[int] | None:
+    """The step counts in the torch optimizer's state, behind ZeRO-3's own optimizer (one per sub-group, all equal);
+    empty for SGD, which counts none; None where the torch optimizer is out of reach."""
+    torch_optimizer = getattr(engine.optimizer, "optimizer", None)
+    if torch_optimizer is None:
+        return None
+    return sorted({int(state["step"]) for state in torch_optimizer.state.values() if "step" in state})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--leaf", type=int, required=True)
     parser.add_argument("--compile", type=int, default=0, help="compile the layers as train.py does under ZeRO-3")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--nan_step", type=int, default=-1, help="rank 1's loss is NaN at this step (from 0)")
+    parser.add_argument("--nan_mode", choices=["backward", "skip"], default="backward")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -51,6 +69,7 @@ def main() -> None:
     import train
     from accelerate import Accelerator, DeepSpeedPlugin
     from train_lib.arguments import ModelArguments
+    from train_lib.loop import deepspeed_skips_nonfinite_steps, nonfinite_on_any_rank
     from train_lib.model_factory import build_scratch_model, scratch_tokenizer_corpus
 
     fetches = [0]
@@ -89,18 +108,28 @@ def main() -> None:
 
         compile_layers(model, trace_hooks=False, backend=recording_backend)
     # SGD: Adam would turn float noise in gradients that are zero in exact arithmetic (e.g. a key bias) into full steps.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    # Adam where a run is compared with one of its own setup, not the reference: its step count shows a skipped step.
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     rank = torch.distributed.get_rank()
     losses, fetches_per_step = [], []
-    for batch in batches(processor, rank, 4):
+    for step, batch in enumerate(batches(processor, rank, args.steps)):
         before = fetches[0]
         loss = model(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+        if step == args.nan_step and rank == 1:
+            loss = loss * float("nan")
+        # `skip`: the trainer's check before the backward; the step goes no further on any rank, DeepSpeed's step
+        # (inside `backward`) included.
+        if args.nan_step < 0 or args.nan_mode == "backward" or not nonfinite_on_any_rank(accelerator, loss):
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        value = loss.item()
+        losses.append(value if math.isfinite(value) else None)  # JSON has no NaN
         fetches_per_step.append(fetches[0] - before)
 
     import deepspeed
@@ -109,7 +138,9 @@ def main() -> None:
         weights = torch.cat([parameter.detach().float().reshape(-1) for parameter in model.parameters()])
     recompiles = [str(reason) for reasons in torch._dynamo.utils.guard_failures.values() for reason in reasons]
     result = {"rank": rank, "leaves": leaves, "linears_per_graph": graphs, "recompiles": recompiles, "losses": losses,
-              "fetches": fetches_per_step, "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
+              "fetches": fetches_per_step, "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
+              "skipped_steps": model.skipped_steps, "adam_steps": adam_steps(model),
+              "deepspeed_skips_nonfinite_steps": deepspeed_skips_nonfinite_steps(model)}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, result)
     if rank == 0:

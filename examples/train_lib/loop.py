@@ -20,7 +20,9 @@ Host syncs per step: 1, the summary's copy to the host (`HOST_SYNCS_PER_STEP`). 
 counted on the host from the CPU batch, and so is the step's modelled work (`reporting.FlopModel`); the loss and
 gradient norm stay on the device until the summary, and the forward times (`ForwardTimer`) a step longer. Under
 DeepSpeed, which runs its optimizer step inside `backward`, each micro-batch's loss is also checked before its
-backward (one reduce and one host sync each): a NaN that reached DeepSpeed's step would be applied.
+backward (one reduce and one host sync each), unless DeepSpeed's own step skips non-finite gradients
+(`deepspeed_skips_nonfinite_steps`: ZeRO-3 from 0.19.8); elsewhere a NaN that reached DeepSpeed's step would be
+applied.
 
 Non-finite steps. Elsewhere the check comes after the backward: a NaN loss yields NaN gradients (DDP spreads them to
 every rank), the summary shows it on every rank, and the step is skipped everywhere: no optimizer or scheduler step,
@@ -57,12 +59,6 @@ from .reporting import FlopModel
 from .step_sync import PendingSummary, StepSummary, finite_or_none, start_step_summary
 
 HOST_SYNCS_PER_STEP = 1
-
-
-def host_syncs_per_step(accelerator) -> int:
-    """The loop's host syncs in one step (see the module docstring); DeepSpeed adds one per micro-batch."""
-    deepspeed = accelerator.state.deepspeed_plugin is not None
-    return HOST_SYNCS_PER_STEP + (accelerator.gradient_accumulation_steps if deepspeed else 0)
 
 
 @dataclass
@@ -144,6 +140,24 @@ def skips_on_device(torch_optimizer, accelerator) -> bool:
             and accelerator.state.deepspeed_plugin is None and accelerator.scaler is None)
 
 
+def deepspeed_skips_nonfinite_steps(engine) -> bool:
+    """Whether DeepSpeed's own step skips a step whose gradients are not finite, so that a NaN loss may go through
+    the backward: ZeRO-3 from DeepSpeed 0.19.8, which takes the gradient norm every step and, when it is not finite,
+    leaves the weights, the optimizer state and the learning rate as they were (`stage3.py`, `step`). 0.19.6
+    applied such a step. ZeRO-1 and -2 check only when they take the norm (gradient clipping on) and, in bf16, with
+    `check_grad_overflow`; they keep the trainer's check before the backward."""
+    from deepspeed import __version__
+    from packaging.version import Version
+
+    return engine.zero_optimization_stage() == 3 and Version(__version__).release >= (0, 19, 8)
+
+
+def nonfinite_on_any_rank(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is NaN or infinite on any rank (one all-reduce and a host sync). A MAX of "not finite":
+    accelerate's `reduce` knows "mean", "sum" and "max", and sums for any other name."""
+    return bool(accelerator.reduce((~torch.isfinite(loss.detach())).float(), "max"))
+
+
 def skip_counts(vector) -> dict[str, int]:
     return {reason: int(count) for reason, count in zip((*SKIP_REASONS, "unexpected_error"), vector) if count}
 
@@ -182,6 +196,8 @@ class Trainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP2's DTensors
         self.accumulation = accelerator.gradient_accumulation_steps  # DeepSpeed's config may have set it
         self.deepspeed = accelerator.state.deepspeed_plugin is not None
+        # Under DeepSpeed, which steps inside `backward`, a NaN loss must not reach a step that would apply it.
+        self.check_loss_before_backward = self.deepspeed and not deepspeed_skips_nonfinite_steps(model)
         self.nan_steps = {int(s) for s in train_args.inject_nan_steps.split(",") if s.strip()}
         self.step_number = state["step"]  # the step being run; state["step"] counts the steps read and recorded
         self.torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
@@ -233,12 +249,17 @@ class Trainer:
                 loss = self.model(**batch, num_items_in_batch=targets).loss
             if self.step_number in self.nan_steps:
                 loss = loss * float("nan")
-            if self.deepspeed and not bool(accelerator.reduce(torch.isfinite(loss).float(), "min")):
+            if self.check_loss_before_backward and nonfinite_on_any_rank(accelerator, loss):
                 return loss.detach()  # no backward: DeepSpeed would apply the NaN in its own step
             # accelerate averages gradients over processes and divides by the accumulation steps; the loss is
             # already a sum over all of them divided by their target count, so undo both.
             accelerator.backward(loss * accelerator.num_processes * self.accumulation)
         return loss.detach()
+
+    def host_syncs_per_step(self) -> int:
+        """The loop's host syncs in one step (see the module docstring): one more per micro-batch where the loss is
+        checked before the backward."""
+        return HOST_SYNCS_PER_STEP + (self.accumulation if self.check_loss_before_backward else 0)
 
     def clip_gradients(self):
         if self.deepspeed:
