@@ -197,12 +197,16 @@ def refuse_deepcompile(deepspeed_config: dict) -> None:
     does not call it (it compiles each layer itself, DeepSpeed's hooks eager), and accelerate calls it only with a
     dynamo backend, which its DeepSpeed launcher drops from an accelerate config: the run would train without
     DeepCompile, unannounced. With `ACCELERATE_DYNAMO_BACKEND` set, accelerate does compile the model whole with it,
-    and on 2 H200s that run failed in its first step (BENCHMARKS.md, eleventh session). Refused until it trains."""
+    and on 2 H200s that run failed in its first step (BENCHMARKS.md, eleventh session). DeepCompile also hangs when
+    input sizes differ between ranks or steps (DeepSpeed issue #7611, open): it profiles each new graph with
+    collectives, and native-resolution images recompile at different steps on different ranks. Refused until both
+    are solved."""
     if (deepspeed_config.get("compile") or {}).get("deepcompile"):
         raise ValueError(
-            "compile.deepcompile: train.py does not support DeepSpeed's DeepCompile yet: it compiles each layer "
-            "itself, while DeepCompile needs the whole model compiled by engine.compile(), which nothing here calls "
-            "(compiled whole, this model failed in DeepCompile's first step: BENCHMARKS.md). Remove it from the "
+            "compile.deepcompile: train.py does not support DeepSpeed's DeepCompile: it compiles each layer itself, "
+            "while DeepCompile needs the whole model compiled by engine.compile(), which nothing here calls. Compiled "
+            "whole, this model failed in DeepCompile's first step (BENCHMARKS.md), and DeepCompile hangs when image "
+            "sizes differ between ranks or steps (DeepSpeed issue #7611), as they do here. Remove it from the "
             "DeepSpeed config.")
 
 
