@@ -95,6 +95,14 @@ def make_accelerator(train_args) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=train_args.output_dir,
                                             logging_dir=os.path.join(train_args.output_dir, "logs")),
     )
+    if accelerator.gradient_accumulation_steps != train_args.gradient_accumulation_steps:
+        # `accelerate launch --gradient_accumulation_steps` (or an accelerate config's deepspeed_config) reaches the
+        # Accelerator through the environment and overrides its argument without a word.
+        raise ValueError(
+            f"The launcher sets gradient_accumulation_steps {accelerator.gradient_accumulation_steps} "
+            f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS: `accelerate launch --gradient_accumulation_steps` or the "
+            f"accelerate config's deepspeed_config), the run --gradient_accumulation_steps "
+            f"{train_args.gradient_accumulation_steps}. Set it in one place.")
     if on_cpu:
         # `accelerate launch` pins CPU runs to one thread per process; share the cores among the processes instead.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // accelerator.num_processes))
@@ -210,12 +218,35 @@ def refuse_deepcompile(deepspeed_config: dict) -> None:
             "DeepSpeed config.")
 
 
+def match_deepspeed_to_run(deepspeed_config: dict, data_args, train_args) -> None:
+    """DeepSpeed's batch and clipping from the run: its micro-batch is our packed rows (we feed DeepSpeed our own
+    batches, not a DataLoader it could size), and its accumulation and clipping are the run's
+    `--gradient_accumulation_steps` and `--max_grad_norm` where the DeepSpeed config leaves them out or "auto".
+
+    A value set in both that disagrees is refused: accelerate would keep DeepSpeed's with a log line, and the run
+    would train another batch size (the 1B config's 4 micro-batches became 1 under an accelerate config that set 1)
+    or clip at another norm than it says."""
+    deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch
+    run_values = {"gradient_accumulation_steps": (train_args.gradient_accumulation_steps, "--gradient_accumulation_steps"),
+                  "gradient_clipping": (train_args.max_grad_norm, "--max_grad_norm")}
+    for key, (ours, flag) in run_values.items():
+        theirs = deepspeed_config.get(key, "auto")
+        if theirs == "auto":
+            deepspeed_config[key] = ours
+        elif float(theirs) != float(ours):
+            raise ValueError(
+                f"The DeepSpeed config sets {key} {theirs}, the run {flag} {ours}. Set it in one place: leave it out "
+                f"of the DeepSpeed config (or the accelerate config's deepspeed_config) to follow the run, or pass "
+                f"{flag} {theirs}.")
+
+
 def build_training(accelerator, model_args, data_args, train_args):
     """The model, its processor, this rank's data, the optimizer and scheduler, prepared by accelerate; and the
     model's `ModelCounts`."""
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        refuse_deepcompile(plugin.deepspeed_config)  # before minutes of loading weights
+    if plugin is not None:  # before minutes of loading weights
+        refuse_deepcompile(plugin.deepspeed_config)
+        match_deepspeed_to_run(plugin.deepspeed_config, data_args, train_args)
     model, processor = build_model_and_processor(model_args)
     use_fast_path(model, train_args, accelerator)
     if model_args.gradient_checkpointing:
@@ -233,11 +264,8 @@ def build_training(accelerator, model_args, data_args, train_args):
                                   fused=accelerator.device.type in ("cuda", "cpu"))
     scheduler = get_scheduler(train_args.lr_scheduler_type, optimizer, num_warmup_steps=train_args.warmup_steps,
                               num_training_steps=train_args.max_steps)
-    if plugin is not None:
-        # We feed DeepSpeed our own packed batches, not a prepared DataLoader it could read the size from.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = data_args.rows_per_batch
-        if plugin.zero_stage == 3:
-            prepare_for_zero3(model, plugin.deepspeed_config)
+    if plugin is not None and plugin.zero_stage == 3:
+        prepare_for_zero3(model, plugin.deepspeed_config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, processor, pipeline, optimizer, scheduler, counts
 

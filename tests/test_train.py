@@ -426,3 +426,50 @@ def test_the_loop_runs_on_one_intra_op_thread_on_an_accelerator_and_gives_the_th
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_deepspeed_takes_its_micro_batch_accumulation_and_clipping_from_the_run():
+    """Our accelerate configs leave DeepSpeed's accumulation and clipping out, and train.py fills them in from the
+    run, so the 1B config's 4 micro-batches a step stay 4 under ZeRO (an accelerate config that set 1 made them 1,
+    with a log line only). A DeepSpeed value that disagrees with the run is refused, naming both."""
+    import train
+    import yaml
+    from train_lib.arguments import parse_arguments
+
+    _, data_args, train_args = parse_arguments(
+        [*TINY, "--rows_per_batch", "3", "--gradient_accumulation_steps", "4", "--max_grad_norm", "0.5"])
+    config = {"gradient_accumulation_steps": "auto"}  # clipping left out, as in our accelerate configs
+    train.match_deepspeed_to_run(config, data_args, train_args)
+    assert config == {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+    agreeing = {"gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+    train.match_deepspeed_to_run(agreeing, data_args, train_args)
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps 1, the run --gradient_accumulation_steps 4"):
+        train.match_deepspeed_to_run({"gradient_accumulation_steps": 1}, data_args, train_args)
+    with pytest.raises(ValueError, match=r"gradient_clipping 1.0, the run --max_grad_norm 0.5"):
+        train.match_deepspeed_to_run({"gradient_clipping": 1.0}, data_args, train_args)
+    for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml"):
+        deepspeed = yaml.safe_load((EXAMPLES / "accelerate" / name).read_text())["deepspeed_config"]
+        assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(deepspeed), name
+
+
+def test_accumulation_set_by_the_launcher_against_the_run_is_refused(monkeypatch):
+    """`accelerate launch --gradient_accumulation_steps` (or an accelerate config's deepspeed_config) reaches the
+    Accelerator through the environment and would override the run's value without a word."""
+    import train
+    from accelerate.state import AcceleratorState, GradientState
+    from train_lib.arguments import parse_arguments
+
+    *_, train_args = parse_arguments([*TINY, "--gradient_accumulation_steps", "4"])
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        with pytest.raises(ValueError, match=r"launcher sets gradient_accumulation_steps 1.*--gradient_accumulation_steps 4"):
+            train.make_accelerator(train_args)
+        monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        assert train.make_accelerator(train_args).gradient_accumulation_steps == 4
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()

@@ -263,7 +263,7 @@ class Trainer:
 
     def clip_gradients(self):
         if self.deepspeed:
-            return None  # DeepSpeed clips inside its step, by its config's gradient_clipping
+            return None  # DeepSpeed clips inside its step, at --max_grad_norm (train.py's match_deepspeed_to_run)
         return self.accelerator.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
 
     def train_step(self, micro_batches, sample_ids, read_late: bool) -> StepSummary | None:
