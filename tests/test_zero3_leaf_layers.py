@@ -2,8 +2,8 @@
 torch's `F.linear`. The same training as with DeepSpeed's defaults (per-submodule hooks, its own `F.linear`), with far
 fewer fetches a step. Two processes on the CPU (DeepSpeed's CPU accelerator, gloo), one rank with an image in every
 batch and one with text only. Compiled as train.py compiles them on GPUs, each graph is a whole layer. Also: when
-train.py compiles under ZeRO-3, and the bucket sizes. A loss NaN on one rank, sent through ZeRO-3's backward, trains as
-skipping that backward did. DeepSpeed is a test dependency; where it is missing, the tests are skipped."""
+train.py compiles under ZeRO-3, and the bucket sizes. A loss NaN on one rank, sent through ZeRO-2's or -3's backward,
+trains as skipping that backward did. DeepSpeed is a test dependency; where it is missing, the tests are skipped."""
 
 from __future__ import annotations
 
@@ -74,9 +74,10 @@ def test_leaf_layers_compile_whole_with_the_hooks_left_eager(tmp_path):
     torch.testing.assert_close(compiled_weights, eager_weights, rtol=0, atol=1e-6)
 
 
-def test_a_nan_loss_through_zero3s_backward_trains_exactly_as_skipping_its_backward(tmp_path):
-    """The trainer under ZeRO-3 from DeepSpeed 0.19.8: a loss NaN on one rank goes through the backward, unchecked
-    (the check cost an all-reduce and a host sync every micro-batch), and DeepSpeed's step, its gradient norm not
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_nan_loss_through_zeros_backward_trains_exactly_as_skipping_its_backward(tmp_path, stage):
+    """The trainer under ZeRO-2 and -3 from DeepSpeed 0.19.8: a loss NaN on one rank goes through the backward,
+    unchecked (the check cost an all-reduce and a host sync every micro-batch), and DeepSpeed's step, its norm not
     finite, leaves the weights and Adam's state as they were. Bit for bit the training of skipping that step's
     backward on every rank by the trainer's check, which it still makes where DeepSpeed's step would apply the NaN
     (`nonfinite_on_any_rank`; with one rank's loss NaN, a "min" reduce through accelerate summed and let it through);
@@ -84,10 +85,12 @@ def test_a_nan_loss_through_zero3s_backward_trains_exactly_as_skipping_its_backw
     import deepspeed
 
     if Version(deepspeed.__version__).release < (0, 19, 8):
-        pytest.skip(f"DeepSpeed {deepspeed.__version__}'s ZeRO-3 step applies non-finite gradients (0.19.8 skips them)")
-    options = ("--steps", "5", "--nan_step", "2", "--optimizer", "adam")  # Adam: its step count shows the skip
-    through, through_weights = train_two_ranks(tmp_path, leaf=True, options=(*options, "--nan_mode", "backward"))
-    skipped, skipped_weights = train_two_ranks(tmp_path, leaf=True, options=(*options, "--nan_mode", "skip"))
+        pytest.skip(f"DeepSpeed {deepspeed.__version__}'s ZeRO step applies non-finite gradients (0.19.8 skips them)")
+    # Adam: its step count shows the skip. ZeRO-2 has no leaf layers.
+    options = ("--stage", str(stage), "--steps", "5", "--nan_step", "2", "--optimizer", "adam")
+    leaf = stage == 3
+    through, through_weights = train_two_ranks(tmp_path, leaf, options=(*options, "--nan_mode", "backward"))
+    skipped, skipped_weights = train_two_ranks(tmp_path, leaf, options=(*options, "--nan_mode", "skip"))
     assert [rank["losses"].index(None) if None in rank["losses"] else -1 for rank in through] == [-1, 2]
     # Exact: the same arithmetic in the same order, only the NaN step's backward differs.
     assert [rank["losses"] for rank in through] == [rank["losses"] for rank in skipped]
@@ -99,8 +102,9 @@ def test_a_nan_loss_through_zero3s_backward_trains_exactly_as_skipping_its_backw
     assert torch.equal(through_weights, skipped_weights) and through_weights.isfinite().all()
 
 
-def test_deepspeed_skips_nonfinite_steps_under_zero3_from_0_19_8(monkeypatch):
-    """The trainer leaves out its check before the backward only where DeepSpeed's step skips a NaN itself."""
+def test_deepspeed_skips_nonfinite_steps_from_0_19_8_where_its_optimizer_checks(monkeypatch):
+    """The trainer leaves out its check before the backward only where DeepSpeed's step skips a NaN itself: ZeRO-3,
+    and ZeRO-1/2 when they take the gradient norm and, in bf16, check it (their defaults)."""
     from types import SimpleNamespace
 
     import deepspeed
@@ -108,13 +112,19 @@ def test_deepspeed_skips_nonfinite_steps_under_zero3_from_0_19_8(monkeypatch):
     sys.path.insert(0, str(ROOT / "examples"))
     from train_lib.loop import deepspeed_skips_nonfinite_steps
 
-    def engine(stage: int) -> SimpleNamespace:
-        return SimpleNamespace(zero_optimization_stage=lambda: stage)
+    def engine(stage: int, **optimizer) -> SimpleNamespace:
+        return SimpleNamespace(zero_optimization_stage=lambda: stage, optimizer=SimpleNamespace(**optimizer))
 
-    assert not deepspeed_skips_nonfinite_steps(engine(2))
+    checking = {"compute_grad_norm": True, "check_grad_overflow": True, "dtype": torch.bfloat16}
     for version, skips in [("0.19.6", False), ("0.19.8", True), ("0.19.8+cpu", True), ("0.20.0", True)]:
         monkeypatch.setattr(deepspeed, "__version__", version)
         assert deepspeed_skips_nonfinite_steps(engine(3)) is skips, version
+        assert deepspeed_skips_nonfinite_steps(engine(2, **checking)) is skips, version
+    assert not deepspeed_skips_nonfinite_steps(engine(2, **{**checking, "check_grad_overflow": False}))
+    assert deepspeed_skips_nonfinite_steps(engine(1, **{**checking, "check_grad_overflow": False,
+                                                        "dtype": torch.float32}))
+    assert not deepspeed_skips_nonfinite_steps(engine(2, **{**checking, "compute_grad_norm": False}))
+    assert not deepspeed_skips_nonfinite_steps(engine(0))  # an optimizer without the switches: the trainer checks
     monkeypatch.undo()
     installed = Version(deepspeed.__version__).release >= (0, 19, 8)
     assert deepspeed_skips_nonfinite_steps(engine(3)) is installed

@@ -57,6 +57,7 @@ def adam_steps(engine) -> list[int] | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--leaf", type=int, required=True)
+    parser.add_argument("--stage", type=int, choices=[2, 3], default=3, help="ZeRO-2 only with --leaf 0")
     parser.add_argument("--compile", type=int, default=0, help="compile the layers as train.py does under ZeRO-3")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
@@ -81,7 +82,7 @@ def main() -> None:
 
     coordinator.PartitionedParameterCoordinator.fetch_sub_module = counted_fetch
 
-    plugin = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1, gradient_clipping=1.0)
+    plugin = DeepSpeedPlugin(zero_stage=args.stage, gradient_accumulation_steps=1, gradient_clipping=1.0)
     accelerator = Accelerator(deepspeed_plugin=plugin)  # cpu=True would drop the DeepSpeed plugin
     world = int(os.environ["WORLD_SIZE"])
     plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=1, train_batch_size=world)

@@ -21,7 +21,7 @@ counted on the host from the CPU batch, and so is the step's modelled work (`rep
 gradient norm stay on the device until the summary, and the forward times (`ForwardTimer`) a step longer. Under
 DeepSpeed, which runs its optimizer step inside `backward`, each micro-batch's loss is also checked before its
 backward (one reduce and one host sync each), unless DeepSpeed's own step skips non-finite gradients
-(`deepspeed_skips_nonfinite_steps`: ZeRO-3 from 0.19.8); elsewhere a NaN that reached DeepSpeed's step would be
+(`deepspeed_skips_nonfinite_steps`: ZeRO from 0.19.8); elsewhere a NaN that reached DeepSpeed's step would be
 applied.
 
 Non-finite steps. Elsewhere the check comes after the backward: a NaN loss yields NaN gradients (DDP spreads them to
@@ -142,14 +142,21 @@ def skips_on_device(torch_optimizer, accelerator) -> bool:
 
 def deepspeed_skips_nonfinite_steps(engine) -> bool:
     """Whether DeepSpeed's own step skips a step whose gradients are not finite, so that a NaN loss may go through
-    the backward: ZeRO-3 from DeepSpeed 0.19.8, which takes the gradient norm every step and, when it is not finite,
-    leaves the weights, the optimizer state and the learning rate as they were (`stage3.py`, `step`). 0.19.6
-    applied such a step. ZeRO-1 and -2 check only when they take the norm (gradient clipping on) and, in bf16, with
-    `check_grad_overflow`; they keep the trainer's check before the backward."""
+    the backward, every micro-batch of it. From DeepSpeed 0.19.8 (0.19.6 applied such a step under ZeRO-3): ZeRO-3
+    takes the gradient norm every step and, when it is not finite, leaves the weights, the optimizer state and the
+    learning rate as they were (`stage3.py`, `step`); ZeRO-1 and -2 do the same when they take the norm (their
+    default) and, in bf16, with `bf16.check_grad_overflow` (its default). Any other optimizer of DeepSpeed's keeps
+    the trainer's check before the backward."""
     from deepspeed import __version__
     from packaging.version import Version
 
-    return engine.zero_optimization_stage() == 3 and Version(__version__).release >= (0, 19, 8)
+    if Version(__version__).release < (0, 19, 8):
+        return False
+    if engine.zero_optimization_stage() == 3:
+        return True
+    optimizer = engine.optimizer  # ZeRO-1/2's DeepSpeedZeroOptimizer carries the two switches
+    return bool(getattr(optimizer, "compute_grad_norm", False)) and (
+        getattr(optimizer, "dtype", None) != torch.bfloat16 or bool(getattr(optimizer, "check_grad_overflow", False)))
 
 
 def nonfinite_on_any_rank(accelerator, loss: torch.Tensor) -> bool:
