@@ -215,6 +215,7 @@ def test_deepcompile_is_refused_before_the_model_loads(monkeypatch, stage):
 
     sys.path.insert(0, str(ROOT / "examples"))
     import train
+    from train_lib.arguments import parse_arguments
 
     class ModelBuilt(Exception):
         pass
@@ -228,7 +229,7 @@ def test_deepcompile_is_refused_before_the_model_loads(monkeypatch, stage):
         plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": {"stage": stage},
                                                                      **deepspeed_config})
         accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
-        train.build_training(accelerator, None, None, None)
+        train.build_training(accelerator, *parse_arguments([]))
 
     with pytest.raises(ValueError, match="compile.deepcompile"):
         build({"compile": {"deepcompile": True}})
