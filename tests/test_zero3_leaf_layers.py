@@ -2,8 +2,9 @@
 torch's `F.linear`. The same training as with DeepSpeed's defaults (per-submodule hooks, its own `F.linear`), with far
 fewer fetches a step. Two processes on the CPU (DeepSpeed's CPU accelerator, gloo), one rank with an image in every
 batch and one with text only. Compiled as train.py compiles them on GPUs, each graph is a whole layer. Also: when
-train.py compiles under ZeRO-3, and the bucket sizes. A loss NaN on one rank, sent through ZeRO-2's or -3's backward,
-trains as skipping that backward did. DeepSpeed is a test dependency; where it is missing, the tests are skipped."""
+train.py compiles under ZeRO-3, and the bucket sizes. ZeRO-3 so prepared trains as DDP does (fp32), with the chunked
+loss too. A loss NaN on one rank, sent through ZeRO-2's or -3's backward, trains as skipping that backward did.
+DeepSpeed is a test dependency; where it is missing, the tests are skipped."""
 
 from __future__ import annotations
 
@@ -55,6 +56,22 @@ def test_leaf_layers_train_the_same_with_fewer_fetches(tmp_path):
     # SGD for 4 steps: gradients equal up to the order of float sums.
     torch.testing.assert_close(leaf_weights, plain_weights, rtol=0, atol=1e-6)
     assert (plain_weights != 0).any()
+
+
+@pytest.mark.parametrize("chunked_loss", [False, True])
+def test_zero3_as_train_py_prepares_it_trains_as_ddp_does(tmp_path, chunked_loss):
+    """ZeRO-3 with train.py's preparation (leaf layers, the encoder whole on every rank, the tied embedding and
+    `lm_head` sharded) against DDP on the same 2 ranks, batches, initial weights and clipping, in fp32: the same losses
+    and weights up to the order of float sums. With the chunked loss, as on GPUs, `lm_head`'s weight is read in its
+    own call under ZeRO-3's gather and its gradient meets the embedding's in the one tied weight."""
+    options = ("--chunked_loss", str(int(chunked_loss)))
+    zero3, zero3_weights = train_two_ranks(tmp_path, leaf=True, options=options)
+    ddp, ddp_weights = train_two_ranks(tmp_path, leaf=False, options=(*options, "--backend", "ddp"))
+    for zero3_rank, ddp_rank in zip(zero3, ddp):
+        torch.testing.assert_close(zero3_rank["losses"], ddp_rank["losses"], rtol=1e-5, atol=0)
+    assert zero3_weights.shape == ddp_weights.shape
+    torch.testing.assert_close(zero3_weights, ddp_weights, rtol=0, atol=1e-6)
+    assert ddp[0]["losses"][-1] < ddp[0]["losses"][0]
 
 
 def test_leaf_layers_compile_whole_with_the_hooks_left_eager(tmp_path):

@@ -15,6 +15,7 @@ as the trainer still does where DeepSpeed's step would apply the NaN.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -45,10 +46,10 @@ def batches(processor, rank: int, count: int):
         yield {**inputs, "labels": inputs["input_ids"].clone()}
 
 
-def adam_steps(engine) -> list[int] | None:
-    """The step counts in the torch optimizer's state, behind ZeRO-3's own optimizer (one per sub-group, all equal);
-    empty for SGD, which counts none; None where the torch optimizer is out of reach."""
-    torch_optimizer = getattr(engine.optimizer, "optimizer", None)
+def adam_steps(wrapper) -> list[int] | None:
+    """The step counts in the torch optimizer's state, behind ZeRO's own optimizer (one per sub-group, all equal) or
+    accelerate's; empty for SGD, which counts none; None where the torch optimizer is out of reach."""
+    torch_optimizer = getattr(wrapper, "optimizer", None)
     if torch_optimizer is None:
         return None
     return sorted({int(state["step"]) for state in torch_optimizer.state.values() if "step" in state})
@@ -58,6 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--leaf", type=int, required=True)
     parser.add_argument("--stage", type=int, choices=[2, 3], default=3, help="ZeRO-2 only with --leaf 0")
+    parser.add_argument("--backend", choices=["deepspeed", "ddp"], default="deepspeed",
+                        help="ddp: the reference, DDP over gloo with the same clipping (--leaf 0)")
+    parser.add_argument("--chunked_loss", type=int, default=0, help="the chunked loss through lm_head, as on GPUs")
     parser.add_argument("--compile", type=int, default=0, help="compile the layers as train.py does under ZeRO-3")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
@@ -82,16 +86,23 @@ def main() -> None:
 
     coordinator.PartitionedParameterCoordinator.fetch_sub_module = counted_fetch
 
-    plugin = DeepSpeedPlugin(zero_stage=args.stage, gradient_accumulation_steps=1, gradient_clipping=1.0)
-    accelerator = Accelerator(deepspeed_plugin=plugin)  # cpu=True would drop the DeepSpeed plugin
     world = int(os.environ["WORLD_SIZE"])
-    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=1, train_batch_size=world)
+    if args.backend == "ddp":
+        plugin, accelerator = None, Accelerator(cpu=True)
+    else:
+        plugin = DeepSpeedPlugin(zero_stage=args.stage, gradient_accumulation_steps=1, gradient_clipping=1.0)
+        accelerator = Accelerator(deepspeed_plugin=plugin)  # cpu=True would drop the DeepSpeed plugin
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=1, train_batch_size=world)
     torch.manual_seed(0)
     model_args = ModelArguments(text_hidden_size=32, text_intermediate_size=64, text_heads=2, text_kv_heads=1,
                                 text_layers=2, vision_hidden_size=16, vision_intermediate_size=32, vision_heads=2,
                                 vision_layers=2, max_patches=16)
     model, processor = build_scratch_model(model_args, scratch_tokenizer_corpus())
-    if args.leaf:  # as train.py prepares it: some weights whole on every rank (the encoder's), the rest sharded
+    if args.chunked_loss:
+        model.config.loss_chunk_size = 16  # several chunks of the rows' targets
+    if plugin is None:
+        leaves = 0
+    elif args.leaf:  # as train.py prepares it: some weights whole on every rank (the encoder's), the rest sharded
         leaves = train.prepare_for_zero3(model, plugin.deepspeed_config)
     else:  # the reference: every weight sharded (DeepSpeed's default threshold would keep all of these tiny ones whole)
         leaves = 0
@@ -127,6 +138,8 @@ def main() -> None:
         # (inside `backward`) included.
         if args.nan_step < 0 or args.nan_mode == "backward" or not nonfinite_on_any_rank(accelerator, loss):
             accelerator.backward(loss)
+            if plugin is None:  # DeepSpeed clips inside its step, at its config's gradient_clipping
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
         value = loss.item()
@@ -135,13 +148,14 @@ def main() -> None:
 
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    with deepspeed.zero.GatheredParameters(list(model.parameters())) if plugin else contextlib.nullcontext():
         weights = torch.cat([parameter.detach().float().reshape(-1) for parameter in model.parameters()])
     recompiles = [str(reason) for reasons in torch._dynamo.utils.guard_failures.values() for reason in reasons]
     result = {"rank": rank, "leaves": leaves, "linears_per_graph": graphs, "recompiles": recompiles, "losses": losses,
               "fetches": fetches_per_step, "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
-              "skipped_steps": model.skipped_steps, "adam_steps": adam_steps(model),
-              "deepspeed_skips_nonfinite_steps": deepspeed_skips_nonfinite_steps(model)}
+              "skipped_steps": getattr(model, "skipped_steps", 0),
+              "adam_steps": adam_steps(model.optimizer if plugin else optimizer),
+              "deepspeed_skips_nonfinite_steps": bool(plugin) and deepspeed_skips_nonfinite_steps(model)}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, result)
     if rank == 0:
