@@ -5,6 +5,8 @@ The checkpoints go through the real loading code (`from_pretrained_components`),
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import (
@@ -111,3 +113,20 @@ def built_merge2(tiny_llama_dir, tiny_siglip2_dir):
         str(tiny_llama_dir), str(tiny_siglip2_dir), spatial_merge_size=2, max_patches=64
     )
     return model.eval(), processor
+
+
+@contextlib.contextmanager
+def fresh_accelerate_state():
+    """accelerate's process-wide state (`AcceleratorState`, `GradientState`) reset before and after: an Accelerator
+    made inside starts from its own arguments, not an earlier test's."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    reset()
+    try:
+        yield
+    finally:
+        reset()

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import fresh_accelerate_state
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -40,15 +42,9 @@ def write_chat_set(folder: Path, rows: int = 64) -> Path:
 
 def run_train(*args):
     import train
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
+    with fresh_accelerate_state():
         return train.main([str(arg) for arg in args])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

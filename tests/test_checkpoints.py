@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import fresh_accelerate_state
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -40,13 +42,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:Us
 @pytest.fixture
 def accelerator():
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield Accelerator(cpu=True)
 
 
 def prepared_linear(accelerator):
@@ -76,15 +74,10 @@ def save_steps(accelerator, output_dir, steps, keep=0):
 def two_checkpoints(tmp_path_factory):
     """An output folder with complete step-1 and step-2, to copy and damage."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     output_dir = tmp_path_factory.mktemp("two-checkpoints")
-    AcceleratorState._reset_state(True)
-    try:
+    with fresh_accelerate_state():
         save_steps(Accelerator(cpu=True), output_dir, [1, 2])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
     return output_dir
 
 

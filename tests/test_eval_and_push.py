@@ -22,6 +22,8 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
+from tests.conftest import fresh_accelerate_state
+
 from .test_train import TINY, child_env, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +43,8 @@ EVAL = ["--eval_split", "eval", "--scenes_size", "5", "--seq_len", "64", "--eval
 
 @pytest.fixture
 def fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    with fresh_accelerate_state():
+        yield
 
 
 def tiny_run_args(*extra):

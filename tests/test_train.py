@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.trace_report import load, step_table
+from tests.conftest import fresh_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -50,15 +51,9 @@ def free_port() -> str:
 def run_in_process(*args):
     """Call train.main in this process, with accelerate's process-wide state reset before and after."""
     import train
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
+    with fresh_accelerate_state():
         return train.main([*TINY, *map(str, args)])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def train_command(*args, launcher=(sys.executable,)):
@@ -352,7 +347,6 @@ def test_the_trainer_counts_flops_before_prepare_partitions_the_model(monkeypatc
     """`accelerate.prepare` under ZeRO-3 or FSDP2 leaves each rank a shard; counted after it, MFU read 0.6 %."""
     import train
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
     from train_lib.arguments import parse_arguments
     from train_lib.metrics import model_flops_utilization
     from train_lib.model_factory import build_model_and_processor
@@ -370,14 +364,9 @@ def test_the_trainer_counts_flops_before_prepare_partitions_the_model(monkeypatc
         return (model, *rest)
 
     monkeypatch.setattr(Accelerator, "prepare", prepare_then_shard)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
+    with fresh_accelerate_state():
         accelerator = train.make_accelerator(train_args)
         *_, counts = train.build_training(accelerator, model_args, data_args, train_args)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
     assert counts.flops_per_token == expected
     # The peak is one device's, times the processes.
     assert model_flops_utilization(2e3, expected, 1e12, 4) == pytest.approx(2e3 * expected / 4e12)
@@ -456,20 +445,13 @@ def test_accumulation_set_by_the_launcher_against_the_run_is_refused(monkeypatch
     """`accelerate launch --gradient_accumulation_steps` (or an accelerate config's deepspeed_config) reaches the
     Accelerator through the environment and would override the run's value without a word."""
     import train
-    from accelerate.state import AcceleratorState, GradientState
     from train_lib.arguments import parse_arguments
 
     *_, train_args = parse_arguments([*TINY, "--gradient_accumulation_steps", "4"])
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        with pytest.raises(ValueError, match=r"launcher sets gradient_accumulation_steps 1.*--gradient_accumulation_steps 4"):
-            train.make_accelerator(train_args)
-        monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    with fresh_accelerate_state(), pytest.raises(
+            ValueError, match=r"launcher sets gradient_accumulation_steps 1.*--gradient_accumulation_steps 4"):
+        train.make_accelerator(train_args)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with fresh_accelerate_state():
         assert train.make_accelerator(train_args).gradient_accumulation_steps == 4
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
